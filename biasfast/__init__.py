@@ -1,0 +1,18 @@
+"""biasfast: fast, exact tools for finding and fixing bias in diffusion models."""
+
+from biasfast import _extension, _ops  # noqa: F401  (load the compiled ops, register fakes/autograd)
+from biasfast import kernels, reference  # noqa: F401
+from biasfast.distances import sqdist
+from biasfast.buildinfo import info as _info_text
+
+__version__ = "0.1.0"
+
+
+def info() -> str:
+    """Describe the build (versions, compiled extension, CPU/GPU, implementation per op) and print it."""
+    text = _info_text()
+    print(text)
+    return text
+
+
+__all__ = ["info", "sqdist"]

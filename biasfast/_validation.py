@@ -1,0 +1,32 @@
+"""Argument checks shared by the public API: each error names the argument and the problem."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_tensor(value: object, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_floating(t: torch.Tensor, name: str) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """Reject NaN/Inf, naming the first bad row (row = index along dim 0)."""
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        rows = bad.reshape(t.shape[0], -1).any(dim=1) if t.dim() > 0 else bad.reshape(1)
+        first = int(rows.nonzero()[0, 0])
+        raise ValueError(f"{name}: contains NaN or Inf (first bad row {first})")
+
+
+def check_same_device(tensors: dict[str, torch.Tensor]) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"tensors must be on one device, got {listing}")

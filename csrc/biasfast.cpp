@@ -1,0 +1,56 @@
+// The one place where biasfast's operator schemas are declared.
+// Device implementations live in csrc/cpu (TORCH_LIBRARY_IMPL CPU) and csrc/cuda (CUDA);
+// fakes and autograd formulas are registered from Python (biasfast/_ops.py).
+#include <Python.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <string>
+
+#ifndef BIASFAST_TORCH_VERSION
+#define BIASFAST_TORCH_VERSION "unknown"
+#endif
+
+namespace {
+
+std::string build_info_json() {
+  std::string cuda = "false";
+#ifdef BIASFAST_WITH_CUDA
+  cuda = "true";
+#endif
+  std::string openmp = "false";
+#ifdef _OPENMP
+  openmp = "true";
+#endif
+  std::string native = "portable";
+#ifdef __AVX512F__
+  native = "avx512";
+#elif defined(__AVX2__)
+  native = "avx2";
+#endif
+  return std::string("{\"torch_version\": \"") + BIASFAST_TORCH_VERSION + "\", \"cuda\": " + cuda +
+         ", \"openmp\": " + openmp + ", \"compiled_isa\": \"" + native + "\", \"compiler\": \"" + __VERSION__ + "\"}";
+}
+
+PyObject* build_info(PyObject*, PyObject*) {
+  return PyUnicode_FromString(build_info_json().c_str());
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "JSON description of how this extension was compiled."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "biasfast compiled operators", -1, methods};
+
+}  // namespace
+
+// Importing biasfast._C runs the static TORCH_LIBRARY initialisers below.
+extern "C" PyObject* PyInit__C(void) {
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(biasfast, m) {
+  // ---- distances (issue: kNN engine) ----
+  // Exact squared Euclidean distances by direct differences: x (n, d), y (m, d) -> (n, m).
+  m.def("sqdist(Tensor x, Tensor y) -> Tensor");
+}

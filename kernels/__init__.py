@@ -1,0 +1,27 @@
+"""Triton kernels of biasfast, installed as `biasfast.kernels` and exposed as `torch.library.triton_op`s.
+
+They are registered when triton imports and either a CUDA device is present or the Triton
+interpreter is on (`TRITON_INTERPRET=1`, which runs them on CPU tensors; the test suite uses
+it so every kernel is exercised without a GPU). Each registered op name goes in TRITON_OPS.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+TRITON_OPS: list[str] = []
+
+
+def interpreted() -> bool:
+    """True when Triton runs in interpreter mode (on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def enabled() -> bool:
+    """True when Triton kernels can run here: triton importable, and CUDA present or interpreted."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return interpreted() or torch.cuda.is_available()

@@ -7,7 +7,6 @@ PY     := $(VENV)/bin/python
 
 $(VENV)/.installed: requirements-ci.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade -q pip
 	$(PY) -m pip install -q -r requirements-ci.txt
 	touch $@
 

@@ -2,8 +2,10 @@
 
 from biasfast import _extension, _ops  # noqa: F401  (load the compiled ops, register fakes/autograd)
 from biasfast import kernels, reference  # noqa: F401
+from biasfast import schedules  # noqa: F401
 from biasfast.distances import sqdist
 from biasfast.buildinfo import info as _info_text
+from biasfast.schedules import NoiseSchedule
 
 __version__ = "0.1.0"
 
@@ -15,4 +17,4 @@ def info() -> str:
     return text
 
 
-__all__ = ["info", "sqdist"]
+__all__ = ["NoiseSchedule", "info", "sqdist"]

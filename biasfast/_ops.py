@@ -78,7 +78,7 @@ def _is_one(grad_loss: torch.Tensor) -> bool:
     # Checking the value syncs a GPU and cannot be traced (compile, AOT tracing use Tensor subclasses),
     # so only eager CPU skips the multiply.
     eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
-    return eager and grad_loss.device.type == "cpu" and bool(grad_loss == 1)
+    return eager and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0
 
 
 def _scaled_gradient(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -41,8 +41,8 @@ def test_snr_loss_forward_backward(bench, benchmark, provider, shape):
     timesteps = torch.randint(0, 1000, (shape[0],))
     loss_fn = LOSSES[provider]
 
-    def step():
-        return torch.autograd.grad(loss_fn(pred, target, timesteps, WEIGHTS), pred)
+    def step():  # the gradient is dropped at once, as a model's backward consumes it (so buffers can be recycled)
+        torch.autograd.grad(loss_fn(pred, target, timesteps, WEIGHTS), pred)
 
     bench(step, provider=provider, shape=_label(shape), rounds=20)
 

@@ -106,7 +106,7 @@ def snr_loss_backward(ctx, grad_loss, _grad_mse, _grad_grad):
     if need_weights:
         shape, dtype = ctx.weights_meta
         contribution = (grad_loss * ctx.scale * mse).to(dtype)
-        grad_weights = torch.zeros(shape, dtype=dtype, device=mse.device).index_add_(0, timesteps, contribution)
+        grad_weights = torch.zeros(shape, dtype=dtype, device=mse.device).index_add_(0, timesteps.long(), contribution)
     return grad_pred, grad_target, None, grad_weights, None, None
 
 

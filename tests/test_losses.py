@@ -244,3 +244,15 @@ def test_triton_checks_values_without_a_host_sync(timesteps, weights, match):
     # torch._assert_async: raises at once on CPU tensors, asynchronously (device assert) on a GPU.
     with pytest.raises(RuntimeError, match=match):
         torch.ops.biasfast.snr_loss_triton(torch.zeros(2, 3), torch.zeros(2, 3), timesteps, weights, "mean", False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_public_api_uses_triton_and_matches_reference(dtype):
+    pred, target, timesteps = (x.cuda() for x in _inputs((6, 4, 33, 31), dtype))
+    pred.requires_grad_(True)
+    loss = biasfast.snr_weighted_loss(pred, target, timesteps, WEIGHTS.cuda())
+    (grad,) = torch.autograd.grad(loss, pred)
+    expected_loss, expected_grad = _reference_gradient(pred.cpu(), target.cpu(), timesteps.cpu(), WEIGHTS, "mean")
+    assert_close_to_reference(loss, expected_loss, torch.float32, scale=expected_loss.item())
+    assert_gradient_close(grad, expected_grad.cuda(), dtype)

@@ -6,6 +6,8 @@ from biasfast import schedules  # noqa: F401
 from biasfast.distances import sqdist
 from biasfast.buildinfo import info as _info_text
 from biasfast.schedules import NoiseSchedule
+from biasfast import sampling  # noqa: F401
+from biasfast.samplers import sample, sample_coupled
 
 __version__ = "0.1.0"
 
@@ -17,4 +19,4 @@ def info() -> str:
     return text
 
 
-__all__ = ["NoiseSchedule", "info", "sqdist"]
+__all__ = ["NoiseSchedule", "info", "sample", "sample_coupled", "sqdist"]

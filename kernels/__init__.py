@@ -25,3 +25,9 @@ def enabled() -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
     return interpreted() or torch.cuda.is_available()
+
+
+if enabled():
+    from . import sampler_step  # noqa: F401,E402  (registers biasfast::sampler_step_triton)
+
+    TRITON_OPS.append("sampler_step_triton")

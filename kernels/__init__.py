@@ -12,7 +12,7 @@ import os
 
 import torch
 
-TRITON_OPS: list[str] = ["snr_loss_triton"]
+TRITON_OPS: list[str] = []
 
 
 def interpreted() -> bool:
@@ -28,4 +28,6 @@ def enabled() -> bool:
 
 
 if enabled():
-    from biasfast.kernels import snr_loss  # noqa: F401,E402  (registers biasfast::snr_loss_triton)
+    from biasfast.kernels import sampler_step, snr_loss  # noqa: F401,E402  (register the triton_ops)
+
+    TRITON_OPS += ["snr_loss_triton", "sampler_step_triton"]

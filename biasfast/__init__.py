@@ -6,6 +6,9 @@ from biasfast import schedules  # noqa: F401
 from biasfast.distances import sqdist
 from biasfast.buildinfo import info as _info_text
 from biasfast.schedules import NoiseSchedule
+from biasfast import nn  # noqa: F401
+from biasfast.losses import snr_weighted_loss
+from biasfast.weighting import weighting
 from biasfast import sampling  # noqa: F401
 from biasfast.samplers import sample, sample_coupled
 
@@ -19,4 +22,4 @@ def info() -> str:
     return text
 
 
-__all__ = ["NoiseSchedule", "info", "sample", "sample_coupled", "sqdist"]
+__all__ = ["NoiseSchedule", "info", "sample", "sample_coupled", "snr_weighted_loss", "sqdist", "weighting"]

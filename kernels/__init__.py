@@ -28,6 +28,6 @@ def enabled() -> bool:
 
 
 if enabled():
-    from . import sampler_step  # noqa: F401,E402  (registers biasfast::sampler_step[_out]_triton)
+    from biasfast.kernels import sampler_step, snr_loss  # noqa: F401,E402  (register the triton_ops)
 
-    TRITON_OPS.extend(["sampler_step_triton", "sampler_step_out_triton"])
+    TRITON_OPS += ["snr_loss_triton", "sampler_step_triton", "sampler_step_out_triton"]

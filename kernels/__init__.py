@@ -30,4 +30,4 @@ def enabled() -> bool:
 if enabled():
     from biasfast.kernels import sampler_step, snr_loss  # noqa: F401,E402  (register the triton_ops)
 
-    TRITON_OPS += ["snr_loss_triton", "sampler_step_triton"]
+    TRITON_OPS += ["snr_loss_triton", "sampler_step_triton", "sampler_step_out_triton"]

@@ -53,4 +53,10 @@ TORCH_LIBRARY(biasfast, m) {
   // ---- distances (issue: kNN engine) ----
   // Exact squared Euclidean distances by direct differences: x (n, d), y (m, d) -> (n, m).
   m.def("sqdist(Tensor x, Tensor y) -> Tensor");
+
+  // ---- hierarchical model (issue 8: exact belief propagation on the binary tree) ----
+  // Leaf posteriors (B, L, q) and log partition (B,) of a k-filtered tree model with uniform root: leaf
+  // log-potentials scale[b]·evidence[b] (B, L = 2^depth, q; -inf allowed), grammar M[a,b,c] = P(b,c | a) (q,q,q),
+  // top (2^k, q, q) = P(depth-k node j = b | root = a) (the identity for the full model).
+  m.def("tree_bp(Tensor evidence, Tensor scale, Tensor grammar, Tensor top) -> (Tensor, Tensor)");
 }

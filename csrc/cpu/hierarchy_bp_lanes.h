@@ -164,6 +164,42 @@ inline void group(const Plan<T>& plan, V* up, V* down, V* work, V* log_z, VI& ba
   *log_z = lead_sum + log_mantissa + scale.exponent * T(0.69314718055994530942) - std::log(T(q));
 }
 
+// In-place transpose of a W×W block held as W vectors (row l becomes column l).
+inline void transpose(V* r) {
+  typedef IntT M __attribute__((vector_size(sizeof(T) * W)));
+#if BP_LANES == 8
+  {
+    const M lo{0, 8, 1, 9, 4, 12, 5, 13}, hi{2, 10, 3, 11, 6, 14, 7, 15};
+    const M even{0, 1, 8, 9, 4, 5, 12, 13}, odd{2, 3, 10, 11, 6, 7, 14, 15};
+    const M low_halves{0, 1, 2, 3, 8, 9, 10, 11}, high_halves{4, 5, 6, 7, 12, 13, 14, 15};
+    V t[8], u[8];
+    for (int i = 0; i < 8; i += 2) t[i] = __builtin_shuffle(r[i], r[i + 1], lo), t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi);
+    for (int i = 0; i < 8; i += 4)
+      for (int j = 0; j < 2; ++j)
+        u[i + 2 * j] = __builtin_shuffle(t[i + j], t[i + j + 2], even),
+        u[i + 2 * j + 1] = __builtin_shuffle(t[i + j], t[i + j + 2], odd);
+    for (int i = 0; i < 4; ++i)
+      r[i] = __builtin_shuffle(u[i], u[i + 4], low_halves), r[i + 4] = __builtin_shuffle(u[i], u[i + 4], high_halves);
+  }
+#elif BP_LANES == 4
+  {
+    const M lo{0, 4, 2, 6}, hi{1, 5, 3, 7}, low_halves{0, 1, 4, 5}, high_halves{2, 3, 6, 7};
+    V t0 = __builtin_shuffle(r[0], r[1], lo), t1 = __builtin_shuffle(r[0], r[1], hi);
+    V t2 = __builtin_shuffle(r[2], r[3], lo), t3 = __builtin_shuffle(r[2], r[3], hi);
+    r[0] = __builtin_shuffle(t0, t2, low_halves), r[2] = __builtin_shuffle(t0, t2, high_halves);
+    r[1] = __builtin_shuffle(t1, t3, low_halves), r[3] = __builtin_shuffle(t1, t3, high_halves);
+  }
+#else
+#error "BP_LANES must be 4 or 8"
+#endif
+}
+
+inline V load_unaligned(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
 // Heap storage of n vectors at their natural 32-byte alignment.
 struct AlignedBuffer {
   V* ptr;
@@ -185,24 +221,41 @@ inline void run_range(const Plan<T>& plan, const T* evidence, const T* scale_in,
     const int lanes = int(std::min<int64_t>(W, end - first));
     V* leaves = up.data() + L * q;
     T* lane_view = reinterpret_cast<T*>(leaves);  // GCC vectors alias their element type
-    if (lanes < W)
+    const bool blocked = lanes == W && row % W == 0;  // whole W×W blocks: transpose in registers
+    if (blocked) {
+      V block[W];
+      for (int64_t e0 = 0; e0 < row; e0 += W) {
+        for (int l = 0; l < W; ++l) block[l] = load_unaligned(evidence + (first + l) * row + e0) * scale_in[first + l];
+        transpose(block);
+        for (int c = 0; c < W; ++c) leaves[e0 + c] = block[c];
+      }
+    } else {
       for (int64_t e = 0; e < row; ++e) leaves[e] = splat(0);
-    for (int l = 0; l < lanes; ++l) {
-      const T* src = evidence + (first + l) * row;
-      const T s = scale_in[first + l];
-      for (int64_t e = 0; e < row; ++e) lane_view[e * W + l] = s * src[e];
+      for (int l = 0; l < lanes; ++l) {
+        const T* src = evidence + (first + l) * row;
+        const T s = scale_in[first + l];
+        for (int64_t e = 0; e < row; ++e) lane_view[e * W + l] = s * src[e];
+      }
     }
     VI bad = VI{};
     V log_z;
     group(plan, up.data(), down.data(), work.data(), &log_z, bad);
+    if (blocked) {
+      V block[W];
+      for (int64_t e0 = 0; e0 < row; e0 += W) {
+        for (int c = 0; c < W; ++c) block[c] = leaves[e0 + c];
+        transpose(block);
+        for (int l = 0; l < W; ++l) std::memcpy(out + (first + l) * row + e0, &block[l], sizeof(V));
+      }
+    }
     for (int l = 0; l < lanes; ++l) {
       const int64_t n = first + l;
       if (bad[l]) {
         log_z_out[n] = T(log_space_row(plan, evidence + n * row, scale_in[n], out + n * row));
         continue;
       }
-      T* dst = out + n * row;
-      for (int64_t e = 0; e < row; ++e) dst[e] = lane_view[e * W + l];
+      if (!blocked)
+        for (int64_t e = 0; e < row; ++e) out[n * row + e] = lane_view[e * W + l];
       log_z_out[n] = log_z[l];
     }
   }

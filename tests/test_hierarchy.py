@@ -262,6 +262,15 @@ def test_bad_model_arguments(kwargs, error, match):
         FilteredHierarchicalModel(**kwargs)
 
 
+def test_split_and_posterior_sampling_refuse_impossible_requests():
+    model = FilteredHierarchicalModel(q=2, depth=1, q_eff=1, seed=0)  # support: 2 sequences
+    with pytest.raises(ValueError, match="split: fewer than 5 test sequences"):
+        model.split(50, 5)
+    b, c = model.forbidden_pairs[0]
+    with pytest.raises(ValueError, match=r"x_t: rows \[0\] at alpha_bar = 1"):
+        model.sample_posterior(torch.nn.functional.one_hot(torch.tensor([[b, c]]), 2).float(), 1.0)
+
+
 def test_bad_inference_inputs_name_the_argument():
     model = FilteredHierarchicalModel()
     good = torch.zeros(3, 16, 6)

@@ -17,6 +17,7 @@ from biasfast.hierarchy.grammar import make_grammar, path_matrices
 from biasfast.hierarchy.sampling import _draw, sample_leaves
 
 _ROWS_PER_CHUNK = 8192  # `rows` draws the dataset in fixed chunks, so any slice is reproducible on its own
+_SPLIT_ROUNDS = 50  # batches of fresh rows `split` tries before it declares the support exhausted
 
 
 class FilteredHierarchicalModel:
@@ -90,10 +91,15 @@ class FilteredHierarchicalModel:
         train = self.rows(block * n_train, (block + 1) * n_train)
         seen = self.encode(train)
         test, start = [], 0
-        while sum(len(t) for t in test) < n_test:
+        for _ in range(_SPLIT_ROUNDS):
+            if sum(len(t) for t in test) >= n_test:
+                break
             fresh = self.rows(start, start + n_test, stream=1)
             start += n_test
             test.append(fresh[~torch.isin(self.encode(fresh), seen)])
+        else:
+            raise ValueError(f"split: fewer than {n_test} test sequences outside the training block turned up in "
+                             f"{_SPLIT_ROUNDS} rounds; the model's support is too small for these sizes")
         return train, torch.cat(test)[:n_test] if test else self.rows(0, 0)
 
     def encode(self, sequences: torch.Tensor) -> torch.Tensor:
@@ -153,6 +159,10 @@ class FilteredHierarchicalModel:
             child = log_up[-1]
             terms = log_m + child[:, 0::2, None, :, None] + child[:, 1::2, None, None, :]
             log_up.append(terms.flatten(-2).logsumexp(-1))
+        impossible = torch.isneginf(log_up[-1][:, 0].amax(-1))
+        if bool(impossible.any()):  # only at ᾱ = 1, when the noiseless x_t is no sequence of the grammar
+            rows = impossible.nonzero().flatten()[:5].tolist()
+            raise ValueError(f"x_t: rows {rows} at alpha_bar = 1 are not sequences this grammar can produce")
         generator = generator or self.generator
         nodes = _draw(_softmax(log_up[-1][:, 0]), generator)[:, None]
         for child in reversed(log_up[:-1]):

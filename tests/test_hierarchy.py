@@ -1,6 +1,10 @@
 """The filtered hierarchical model and its exact BP denoiser, against exhaustive enumeration (issue 8)."""
 
 import math
+import os
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -213,6 +217,30 @@ def test_posterior_samples_follow_the_exact_posterior():
 
 
 # ---- the operator ----
+
+
+def test_portable_path_matches_the_avx2_path():
+    # The kernel picks AVX2+FMA at run time; BIASFAST_TREE_BP_PORTABLE=1 forces the portable build of the same code.
+    script = (
+        "import torch, biasfast\n"
+        "from biasfast.hierarchy import FilteredHierarchicalModel\n"
+        "torch.manual_seed(0)\n"
+        "m = FilteredHierarchicalModel()\n"
+        "x = torch.nn.functional.one_hot(m.sample(203), 6) * 0.8 + 0.6 * torch.randn(203, 16, 6)\n"
+        "out = [m.filtered_denoiser(x.to(d), 0.64, k) for d in (torch.float32, torch.float64) for k in (0, 3)]\n"
+        "torch.save(out, __import__('sys').argv[1])\n"
+    )
+    results = []
+    for portable in (False, True):
+        path = tempfile.mktemp(suffix=".pt")
+        env = {k: v for k, v in os.environ.items() if k != "BIASFAST_TREE_BP_PORTABLE"}
+        if portable:
+            env["BIASFAST_TREE_BP_PORTABLE"] = "1"
+        subprocess.run([sys.executable, "-c", script, path], check=True, env=env)
+        results.append(torch.load(path))
+        os.remove(path)
+    for fast, portable in zip(*results):
+        torch.testing.assert_close(portable, fast, rtol=1e-5 if fast.dtype == torch.float32 else 1e-12, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -54,9 +54,11 @@ namespace biasfast::tree_bp_detail {
 
 namespace {
 
+// BIASFAST_TREE_BP_PORTABLE=1 forces the portable path (read once; the tests use it to cover that path).
 bool cpu_has_avx2_fma() {
 #ifdef BP_HAVE_AVX2_BUILD
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("BIASFAST_TREE_BP_PORTABLE") == nullptr;
   return has;
 #else
   return false;

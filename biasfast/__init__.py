@@ -4,6 +4,7 @@ from biasfast import _extension, _ops  # noqa: F401  (load the compiled ops, reg
 from biasfast import kernels, reference  # noqa: F401
 from biasfast import schedules  # noqa: F401
 from biasfast.distances import sqdist
+from biasfast.hierarchy import FilteredHierarchicalModel
 from biasfast.buildinfo import info as _info_text
 from biasfast.schedules import NoiseSchedule
 from biasfast import nn  # noqa: F401
@@ -22,4 +23,13 @@ def info() -> str:
     return text
 
 
-__all__ = ["NoiseSchedule", "info", "sample", "sample_coupled", "snr_weighted_loss", "sqdist", "weighting"]
+__all__ = [
+    "FilteredHierarchicalModel",
+    "NoiseSchedule",
+    "info",
+    "sample",
+    "sample_coupled",
+    "snr_weighted_loss",
+    "sqdist",
+    "weighting",
+]

@@ -141,3 +141,16 @@ def register_sampling() -> None:
 
 if _extension.available():
     register_sampling()
+# ---- hierarchical model: tree belief propagation (issue 8) ----
+
+
+def _tree_bp_fake(evidence, scale, grammar, top):
+    torch._check(evidence.dim() == 3, lambda: "tree_bp: evidence must be (batch, leaves, q)")
+    torch._check(scale.dim() == 1 and scale.shape[0] == evidence.shape[0], lambda: "tree_bp: scale must be (batch,)")
+    torch._check(grammar.dim() == 3 and top.dim() == 3, lambda: "tree_bp: grammar and top must be 3-D")
+    dtype = _accumulate_dtype(evidence.dtype)
+    return evidence.new_empty(evidence.shape, dtype=dtype), evidence.new_empty((evidence.shape[0],), dtype=dtype)
+
+
+if _extension.available():
+    torch.library.register_fake("biasfast::tree_bp")(_tree_bp_fake)

@@ -59,6 +59,7 @@ TORCH_LIBRARY(biasfast, m) {
   // and, when compute_grad, d loss / d pred (same shape and dtype as pred; backward only rescales it).
   m.def("snr_loss(Tensor pred, Tensor target, Tensor timesteps, Tensor weights, str reduction, bool compute_grad) "
         "-> (Tensor loss, Tensor mse, Tensor grad)");
+
   // ---- sampling (issue 6: fused DDPM/DDIM/CFG step) ----
   // One fused step x_t -> (x_{t'}, x̂0) with per-sample t, t_prev (-1 = final step) gathered from alphas_cumprod;
   // uncond_output with guidance_scale fuses CFG; x̂0 is empty unless return_x0.
@@ -71,4 +72,10 @@ TORCH_LIBRARY(biasfast, m) {
       "sampler_step_out(Tensor x_t, Tensor model_output, Tensor? uncond_output, Tensor? noise, Tensor t, "
       "Tensor t_prev, Tensor alphas_cumprod, str method, str prediction, float eta, float? guidance_scale, "
       "float? clip_sample, Tensor(a!) out, Tensor(b!) x0_out) -> ()");
+
+  // ---- hierarchical model (issue 8: exact belief propagation on the binary tree) ----
+  // Leaf posteriors (B, L, q) and log partition (B,) of a k-filtered tree model with uniform root: leaf
+  // log-potentials scale[b]·evidence[b] (B, L = 2^depth, q; -inf allowed), grammar M[a,b,c] = P(b,c | a) (q,q,q),
+  // top (2^k, q, q) = P(depth-k node j = b | root = a) (the identity for the full model).
+  m.def("tree_bp(Tensor evidence, Tensor scale, Tensor grammar, Tensor top) -> (Tensor, Tensor)");
 }

@@ -2,7 +2,9 @@
 
 from biasfast import _extension, _ops  # noqa: F401  (load the compiled ops, register fakes/autograd)
 from biasfast import kernels, reference  # noqa: F401
-from biasfast.distances import sqdist
+from biasfast.distances import pairwise_distances, sqdist
+from biasfast.knn import knn
+from biasfast import distributed  # noqa: F401
 from biasfast.buildinfo import info as _info_text
 
 __version__ = "0.1.0"
@@ -15,4 +17,4 @@ def info() -> str:
     return text
 
 
-__all__ = ["info", "sqdist"]
+__all__ = ["info", "sqdist", "knn", "pairwise_distances", "distributed"]

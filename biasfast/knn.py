@@ -74,6 +74,8 @@ def search_chunk(
     """
     check_pair(query, ref)
     if metric == "hamming":
+        if query.device.type != "cpu":
+            raise ValueError(f"query: metric 'hamming' has a CPU kernel only, got tensors on {query.device}")
         return torch.ops.biasfast.knn_hamming(query, ref, k, offset, exclude_self)
     return torch.ops.biasfast.knn(query, ref, k, metric, offset, exclude_self, workspace_mb)
 

@@ -3,8 +3,10 @@
 from biasfast import _extension, _ops  # noqa: F401  (load the compiled ops, register fakes/autograd)
 from biasfast import kernels, reference  # noqa: F401
 from biasfast import schedules  # noqa: F401
-from biasfast.distances import sqdist
 from biasfast.hierarchy import FilteredHierarchicalModel
+from biasfast.distances import pairwise_distances, sqdist
+from biasfast.knn import knn
+from biasfast import distributed  # noqa: F401
 from biasfast.buildinfo import info as _info_text
 from biasfast.schedules import NoiseSchedule
 from biasfast import nn  # noqa: F401
@@ -26,7 +28,10 @@ def info() -> str:
 __all__ = [
     "FilteredHierarchicalModel",
     "NoiseSchedule",
+    "distributed",
     "info",
+    "knn",
+    "pairwise_distances",
     "sample",
     "sample_coupled",
     "snr_weighted_loss",

@@ -78,4 +78,13 @@ TORCH_LIBRARY(biasfast, m) {
   // log-potentials scale[b]·evidence[b] (B, L = 2^depth, q; -inf allowed), grammar M[a,b,c] = P(b,c | a) (q,q,q),
   // top (2^k, q, q) = P(depth-k node j = b | root = a) (the identity for the full model).
   m.def("tree_bp(Tensor evidence, Tensor scale, Tensor grammar, Tensor top) -> (Tensor, Tensor)");
+
+  // ---- exact k-nearest neighbours (issue 3) ----
+  // k smallest distances from each query row to the reference rows, exact (re-ranked, certified); indices are
+  // index_offset + row in ref, ties broken by the lower index; rows with fewer than k eligible references are
+  // padded with (inf, -1). metric: l2, sqeuclidean, cosine, pearson.
+  m.def("knn(Tensor query, Tensor ref, int k, str metric, int index_offset, bool exclude_self, int workspace_mb)"
+        " -> (Tensor, Tensor)");
+  // Same for integer token rows under the hamming distance (number of differing positions, as float32).
+  m.def("knn_hamming(Tensor query, Tensor ref, int k, int index_offset, bool exclude_self) -> (Tensor, Tensor)");
 }

@@ -53,4 +53,9 @@ TORCH_LIBRARY(biasfast, m) {
   // ---- distances (issue: kNN engine) ----
   // Exact squared Euclidean distances by direct differences: x (n, d), y (m, d) -> (n, m).
   m.def("sqdist(Tensor x, Tensor y) -> Tensor");
+
+  // ---- memorization metrics (issue: bias_score) ----
+  // 64-bit hash of each row of a 2-D tensor of any dtype (-0.0 == 0.0): rows (n, d) -> int64 (n,).
+  // Equal rows hash equally; bias_score uses it to find rows shared by two training sets.
+  m.def("row_hash(Tensor rows) -> Tensor");
 }

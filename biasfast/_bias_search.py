@@ -33,7 +33,7 @@ def as_rows(value: object, name: str, device: torch.device | None = None) -> tor
         raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(value).__name__}")
     if value.dim() < 1:
         raise ValueError(f"{name}: expected rows (n, ...), got a scalar")
-    rows = value.reshape(value.shape[0], -1)
+    rows = value.reshape(value.shape[0], math.prod(value.shape[1:]))
     return rows if device is None else rows.to(device)
 
 

@@ -110,7 +110,7 @@ def _paired_distances(a: torch.Tensor, b: torch.Tensor, metric: str, block: int 
             x, y = x - x.mean(dim=1, keepdim=True), y - y.mean(dim=1, keepdim=True)
         norms = x.norm(dim=1) * y.norm(dim=1)
         cosine = torch.where(norms > 0, (x * y).sum(dim=1) / norms.clamp_min(1e-300), torch.zeros_like(norms))
-        out.append(1.0 - cosine)
+        out.append((1.0 - cosine).clamp_min(0.0))  # rounding can push 1 − cos(x, x) below 0
     return torch.cat(out)
 
 
@@ -141,7 +141,7 @@ def _memorized_fraction(gap: torch.Tensor) -> float:
 def _nn_divergence(generated: torch.Tensor, fresh: torch.Tensor, metric: str, features: int, bins: int) -> float:
     """KL between NN-distance histograms on [0, upper]: upper = sequence length for hamming (as the paper),
     the largest distance seen otherwise."""
-    generated, fresh = generated.double().cpu().numpy(), fresh.double().cpu().numpy()
+    generated, fresh = (v.double().clamp_min(0).cpu().numpy() for v in (generated, fresh))
     upper = float(features) if metric == "hamming" else float(max(generated.max(), fresh.max()))
     return stats.histogram_kl(generated, fresh, upper if upper > 0 else 1.0, bins)
 

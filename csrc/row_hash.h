@@ -22,9 +22,18 @@ BIASFAST_HD uint64_t mix64(uint64_t z) {  // splitmix64 finaliser
   return z ^ (z >> 31);
 }
 
+// Exact zero test: through float for float/half/bfloat16 (exact widening), directly for double.
+template <typename scalar_t>
+BIASFAST_HD bool is_zero(scalar_t v) {
+  return static_cast<float>(v) == 0.0f;
+}
+BIASFAST_HD bool is_zero(double v) {
+  return v == 0.0;
+}
+
 template <typename scalar_t>
 BIASFAST_HD uint64_t element_bits(scalar_t v, bool floating) {
-  if (floating && v == scalar_t(0)) return 0;  // folds -0.0 into 0.0
+  if (floating && is_zero(v)) return 0;  // folds -0.0 into 0.0
   uint64_t bits = 0;
   memcpy(&bits, &v, sizeof(scalar_t));  // little-endian: low bytes hold the element
   return bits;

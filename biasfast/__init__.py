@@ -3,7 +3,9 @@
 from biasfast import _extension, _ops  # noqa: F401  (load the compiled ops, register fakes/autograd)
 from biasfast import kernels, reference  # noqa: F401
 from biasfast import schedules  # noqa: F401
-from biasfast.distances import sqdist
+from biasfast.distances import pairwise_distances, sqdist
+from biasfast.knn import knn
+from biasfast import distributed  # noqa: F401
 from biasfast.buildinfo import info as _info_text
 from biasfast.schedules import NoiseSchedule
 from biasfast import metrics  # noqa: F401
@@ -20,4 +22,5 @@ def info() -> str:
     return text
 
 
-__all__ = ["BiasReport", "NoiseSchedule", "bias_score", "info", "row_hash", "sqdist"]
+__all__ = ["BiasReport", "NoiseSchedule", "bias_score", "distributed", "info", "knn", "pairwise_distances", "row_hash",
+           "sqdist"]

@@ -91,6 +91,15 @@ class SearchPlan:
         return metric_distances.sqrt() if self.metric == "sqeuclidean" else metric_distances
 
 
+def _search(queries: torch.Tensor, chunk: torch.Tensor, k: int, metric: str, label: str) -> torch.Tensor:
+    """Nearest distances of every query in one chunk; the engine's errors about the chunk name the chunk."""
+    try:
+        found, _ = biasfast.knn(queries, chunk, k=min(k, chunk.shape[0]), metric=metric)
+    except ValueError as error:
+        raise ValueError(f"{label}: {error}") from error
+    return found
+
+
 def nearest(train: TrainingSet, name: str, queries: torch.Tensor, own: slice, plan: SearchPlan, features: int) -> NearestDistances:
     """One pass over a training set (or a rank's shard of it; +inf distances while it has no rows)."""
     metric_best = queries.new_full((queries.shape[0], plan.metric_k), math.inf, dtype=torch.float64)
@@ -105,11 +114,9 @@ def nearest(train: TrainingSet, name: str, queries: torch.Tensor, own: slice, pl
         if chunk.is_floating_point():
             check_finite(chunk, label)
         hashes.append(row_hash(chunk))
-        found, _ = biasfast.knn(queries, chunk, k=min(plan.metric_k, chunk.shape[0]), metric=plan.metric)
-        metric_best = keep_smallest(metric_best, found)
+        metric_best = keep_smallest(metric_best, _search(queries, chunk, plan.metric_k, plan.metric, label))
         if not plan.shared:
-            found, _ = biasfast.knn(queries[own], chunk, k=min(2, chunk.shape[0]), metric="l2")
-            gap_best = keep_smallest(gap_best, found)
+            gap_best = keep_smallest(gap_best, _search(queries[own], chunk, 2, "l2", label))
         rows += chunk.shape[0]
     gap = plan.gap_distances(metric_best[own]) if plan.shared else gap_best
     return NearestDistances(metric_best, gap, torch.cat(hashes), rows)

@@ -108,13 +108,21 @@ def _paired_distances(a: torch.Tensor, b: torch.Tensor, metric: str, block: int 
             continue
         if metric == "pearson":
             x, y = x - x.mean(dim=1, keepdim=True), y - y.mean(dim=1, keepdim=True)
-        norms = x.norm(dim=1) * y.norm(dim=1)
-        cosine = torch.where(norms > 0, (x * y).sum(dim=1) / norms.clamp_min(1e-300), torch.zeros_like(norms))
+        cosine = (x * y).sum(dim=1) / (x.norm(dim=1) * y.norm(dim=1))  # norms > 0: checked by bias_score
         out.append((1.0 - cosine).clamp_min(0.0))  # rounding can push 1 − cos(x, x) below 0
     return torch.cat(out)
 
 
 # ---- the report --------------------------------------------------------------------------------
+
+
+def _check_direction(rows: torch.Tensor, name: str, metric: str) -> None:
+    """cosine/pearson distances are undefined for zero (pearson: constant) rows, as in the kNN engine."""
+    centred = rows - rows.mean(dim=1, keepdim=True) if metric == "pearson" else rows
+    flat = (centred == 0).all(dim=1)
+    if flat.any():
+        what = "constant" if metric == "pearson" else "all zero"
+        raise ValueError(f"{name}: row {int(flat.nonzero()[0, 0])} is {what}, so its {metric} distance is undefined")
 
 
 def _sign_statistics(own: torch.Tensor, cross: torch.Tensor) -> tuple[float, tuple[float, float], float, int]:
@@ -202,9 +210,11 @@ def bias_score(
     for part in parts[1:]:
         dtype = torch.promote_types(dtype, part.dtype)
     queries = torch.cat([p.to(dtype) for p in parts])
-    if queries.is_floating_point():
-        for name, part in zip(("samples_a", "samples_b", "test"), parts):
+    for name, part in zip(("samples_a", "samples_b", "test"), parts):
+        if part.is_floating_point():
             check_finite(part, name)
+        if metric in ("cosine", "pearson"):
+            _check_direction(part, name, metric)
 
     plan = SearchPlan(metric)
 

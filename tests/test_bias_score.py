@@ -272,6 +272,17 @@ def test_nan_names_the_argument_and_row():
         biasfast.bias_score(samples_a, samples_b, train_a, train_b)
 
 
+def test_constant_rows_are_rejected_for_pearson():
+    samples_a, samples_b, train_a, train_b = _small()
+    samples_a[2] = 0.5
+    with pytest.raises(ValueError, match="samples_a: row 2 is constant, so its pearson distance is undefined"):
+        biasfast.bias_score(samples_a, samples_b, train_a, train_b)
+    samples_a[2] = torch.randn(8)
+    train_b[7] = 3.0
+    with pytest.raises(ValueError, match=r"train_b: .*row 7 is constant"):
+        biasfast.bias_score(samples_a, samples_b, train_a, train_b)
+
+
 def test_unknown_metric_and_float_tokens():
     samples_a, samples_b, train_a, train_b = _small()
     with pytest.raises(ValueError, match="metric: unknown metric 'manhattan'"):
@@ -361,7 +372,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _sharded_worker(rank: int, world: int, port: int, out_dir: str, poison: bool) -> None:
+def _sharded_report(rank: int, poison: bool) -> dict:
+    import torch.distributed as dist
+
+    samples_a, samples_b, train_a, train_b, test = _random_problem("pearson", 23, 41, (10,), n_test=9, seed=8)
+    # Uneven shards with different numbers of chunks on each rank.
+    shard_a = [train_a[:5], train_a[5:30]] if rank == 0 else [train_a[30:]]
+    shard_b = [train_b[i : i + 4] for i in range(0, 12, 4)] if rank == 0 else train_b[12:].numpy()
+    if poison and rank == 1:
+        shard_b = shard_b.copy()
+        shard_b[2, 1] = float("nan")
+    try:
+        return biasfast.bias_score(samples_a, samples_b, shard_a, shard_b, test=test, group=dist.group.WORLD).to_dict()
+    except (ValueError, RuntimeError) as error:
+        return {"error": type(error).__name__, "message": str(error)}
+
+
+def _sharded_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import datetime
 
     import torch.distributed as dist
@@ -370,40 +397,23 @@ def _sharded_worker(rank: int, world: int, port: int, out_dir: str, poison: bool
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        samples_a, samples_b, train_a, train_b, test = _random_problem("pearson", 23, 41, (10,), n_test=9, seed=8)
-        # Uneven shards with different numbers of chunks on each rank.
-        shard_a = [train_a[:5], train_a[5:30]] if rank == 0 else [train_a[30:]]
-        shard_b = [train_b[i : i + 4] for i in range(0, 12, 4)] if rank == 0 else train_b[12:].numpy()
-        if poison and rank == 1:
-            shard_b = shard_b.copy()
-            shard_b[2, 1] = float("nan")
-        try:
-            report = biasfast.bias_score(samples_a, samples_b, shard_a, shard_b, test=test, group=dist.group.WORLD)
-            result = report.to_dict()
-        except (ValueError, RuntimeError) as error:
-            result = {"error": type(error).__name__, "message": str(error)}
+        result = {"clean": _sharded_report(rank, poison=False), "poisoned": _sharded_report(rank, poison=True)}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as stream:
             json.dump(result, stream)
     finally:
         dist.destroy_process_group()
 
 
-def _run_sharded(tmp_path, poison: bool) -> list[dict]:
+def test_sharded_training_sets_give_the_single_process_report_and_failures_reach_every_rank(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_sharded_worker, args=(2, _free_port(), str(tmp_path), poison), nprocs=2, join=True)
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-
-
-def test_sharded_training_sets_give_the_single_process_report(tmp_path):
+    mp.spawn(_sharded_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     samples_a, samples_b, train_a, train_b, test = _random_problem("pearson", 23, 41, (10,), n_test=9, seed=8)
     single = biasfast.bias_score(samples_a, samples_b, train_a, train_b, test=test).to_dict()
-    rank0, rank1 = _run_sharded(tmp_path, poison=False)
-    assert rank0 == rank1  # every rank returns the same report
-    _assert_same_report(rank0, single)
-
-
-def test_a_failure_on_one_rank_is_reported_on_every_rank(tmp_path):
-    rank0, rank1 = _run_sharded(tmp_path, poison=True)
-    assert rank1["error"] == "ValueError" and "train_b: contains NaN or Inf (first bad row 2)" in rank1["message"]
-    assert rank0["error"] == "RuntimeError" and "failed on rank(s) [1]" in rank0["message"]
+    assert rank0["clean"] == rank1["clean"]  # every rank returns the same report
+    _assert_same_report(rank0["clean"], single)
+    # NaN in rank 1's shard: rank 1 names it, rank 0 says which rank failed instead of waiting forever.
+    assert rank1["poisoned"]["error"] == "ValueError"
+    assert "train_b: contains NaN or Inf (first bad row 2)" in rank1["poisoned"]["message"]
+    assert rank0["poisoned"]["error"] == "RuntimeError" and "failed on rank(s) [1]" in rank0["poisoned"]["message"]

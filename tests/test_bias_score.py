@@ -16,11 +16,6 @@ from tests.conftest import devices
 
 METRICS = ["l2", "sqeuclidean", "cosine", "pearson", "hamming"]
 
-if not hasattr(biasfast, "knn"):  # TEST-ONLY: integration with the kNN engine pending (branch `knn`)
-    from tests._knn_brute_force import brute_force_knn
-
-    biasfast.knn = brute_force_knn
-
 
 # ---- float64 brute force: full distance matrices, nothing shared with the implementation ----------------
 

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 import biasfast
-from biasfast._validation import check_finite
 from biasfast.rowhash import row_hash
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
@@ -110,9 +109,8 @@ def nearest(train: TrainingSet, name: str, queries: torch.Tensor, own: slice, pl
             continue
         if chunk.shape[1] != features:
             raise ValueError(f"{label}: feature size {chunk.shape[1]} does not match the samples' {features}")
+        # NaN/Inf rows are found by the engine while it packs the chunk (no extra pass); _search names the chunk.
         chunk = searchable(chunk.to(queries.device), plan.metric, label).to(queries.dtype)
-        if chunk.is_floating_point():
-            check_finite(chunk, label)
         hashes.append(row_hash(chunk))
         metric_best = keep_smallest(metric_best, _search(queries, chunk, plan.metric_k, plan.metric, label))
         if not plan.shared:

@@ -116,13 +116,21 @@ def _paired_distances(a: torch.Tensor, b: torch.Tensor, metric: str, block: int 
 # ---- the report --------------------------------------------------------------------------------
 
 
-def _check_direction(rows: torch.Tensor, name: str, metric: str) -> None:
-    """cosine/pearson distances are undefined for zero (pearson: constant) rows, as in the kNN engine."""
-    centred = rows - rows.mean(dim=1, keepdim=True) if metric == "pearson" else rows
-    flat = (centred == 0).all(dim=1)
-    if flat.any():
-        what = "constant" if metric == "pearson" else "all zero"
-        raise ValueError(f"{name}: row {int(flat.nonzero()[0, 0])} is {what}, so its {metric} distance is undefined")
+def _check_rows(rows: torch.Tensor, name: str, metric: str) -> None:
+    """NaN/Inf, and rows whose cosine/pearson distance is undefined (zero, or constant), named by argument and row.
+
+    One cheap reduction pass per check; the exact scan runs only when the reduction flags something.
+    """
+    if not rows.is_floating_point():
+        return
+    if not torch.isfinite(rows.sum(dim=1, dtype=torch.float64)).all():
+        check_finite(rows, name)
+    if metric in ("cosine", "pearson"):
+        low, high = torch.aminmax(rows, dim=1)
+        flat = (low == high) if metric == "pearson" else (low == 0) & (high == 0)
+        if flat.any():
+            what = "constant" if metric == "pearson" else "all zero"
+            raise ValueError(f"{name}: row {int(flat.nonzero()[0, 0])} is {what}, so its {metric} distance is undefined")
 
 
 def _sign_statistics(own: torch.Tensor, cross: torch.Tensor) -> tuple[float, tuple[float, float], float, int]:
@@ -211,10 +219,7 @@ def bias_score(
         dtype = torch.promote_types(dtype, part.dtype)
     queries = torch.cat([p.to(dtype) for p in parts])
     for name, part in zip(("samples_a", "samples_b", "test"), parts):
-        if part.is_floating_point():
-            check_finite(part, name)
-        if metric in ("cosine", "pearson"):
-            _check_direction(part, name, metric)
+        _check_rows(part, name, metric)
 
     plan = SearchPlan(metric)
 

@@ -115,7 +115,11 @@ def test_bias_score(bench, benchmark, provider, n, n_train, shape):
     bench(run, provider="biasfast", shape=label, rounds=rounds, warmup=0)
     total, inner, rss_growth = min(timings)
     matrix_bytes = n * n_train * 4
+    budget = (256 << 20) + 3 * (data[0].nbytes + data[1].nbytes)  # kNN workspace + copies of the samples
     benchmark.extra_info.update(total_s=total, knn_s=inner, outside_knn_share=1 - inner / total,
-                                peak_rss_growth_bytes=rss_growth, n_by_N_matrix_bytes=matrix_bytes)
+                                peak_rss_growth_bytes=rss_growth, n_by_N_matrix_bytes=matrix_bytes,
+                                memory_budget_bytes=budget)
     if not QUICK:
+        assert rss_growth < budget, f"bias_score grew RSS by {rss_growth} B, more than workspace + samples ({budget} B)"
+    if n >= 10_000:
         assert rss_growth < matrix_bytes / 2, "bias_score held something the size of an n × N matrix"

@@ -191,9 +191,14 @@ def bias_score(
     Inputs are tensors or numpy arrays of shape (n, ...) on any device; training sets may also be iterables
     of chunks, each read once (streamed to the samples' device). `metric` is one of METRICS ("pearson":
     1 − correlation of the flattened images, the paper's similarity; "hamming" for token sequences).
-    `test`: fresh data from the same distribution, for the NN divergence. `group`: a torch.distributed
-    group when each rank holds a shard of train_a and train_b (the same samples on every rank); every rank
-    then returns the report of the whole training sets.
+    `test`: fresh data from the same distribution, for the NN divergence (baseline: the test rows' nearest
+    distances in train_a and in train_b). `group`: a torch.distributed group when each rank holds a shard of
+    train_a and train_b (the same samples on every rank); every rank then returns the whole sets' report.
+
+    Ties d_own == d_cross (e.g. a copy of a row both training sets contain) favour neither set: like the sign
+    test, score, score_ci and p_value leave them out, and n_ties counts them. The gap ratio d1/d2 of
+    memorized_fraction uses Euclidean distances on the raw values whatever `metric` is, as the official
+    `compute_fmem.py` (Hamming for token data, where Euclidean distances between token ids mean nothing).
     """
     if metric not in METRICS:
         raise ValueError(f"metric: unknown metric {metric!r}; expected one of {METRICS}")

@@ -15,10 +15,12 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
 #include "cpu/knn_common.h"
+#include "cpu/knn_fused.h"
 #include "cpu/knn_gemm.h"
 
 namespace biasfast {
@@ -180,6 +182,49 @@ class ExactSearch {
   }
 
   void scan() {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (d_ <= kFusedMaxDim && cpu_has_avx2_fma()) return scan_fused();
+    }
+    scan_gemm();
+  }
+
+  // Small d: register-tiled inner products fused with the selection, parallel over 6-query tiles.
+  void scan_fused() {
+    const int64_t tile = std::clamp<int64_t>((256 * 1024 / (d_ * 4)) / kPanel * kPanel, kPanel, 4096);
+    const int64_t padded = tile + kPanel;
+    at::Tensor workspace = at::empty({tile * d_ + tile + padded * d_ + padded}, at::kFloat);
+    float* rows = workspace.data_ptr<float>();
+    float* norms = rows + tile * d_;
+    float* panels = norms + tile;
+    float* panel_norms = panels + padded * d_;
+    double max_sq = 0;
+    const int64_t blocks = (nq_ + kRows - 1) / kRows;
+    for (int64_t j0 = 0; j0 < ref_.rows; j0 += tile) {
+      const int64_t nr = std::min(tile, ref_.rows - j0);
+      pack_ref_tile(j0, nr, reinterpret_cast<scalar_t*>(rows), reinterpret_cast<scalar_t*>(norms), &max_sq);
+      pack_panels(rows, norms, nr, d_, panels, panel_norms);
+      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t block = begin; block < end; ++block) {
+          const int64_t i0 = block * kRows, count = std::min(kRows, nq_ - i0);
+          const float* q[kRows];
+          int64_t self[kRows];
+          HeapView<float> heaps[kRows];
+          for (int64_t r = 0; r < kRows; ++r) {
+            const int64_t qi = i0 + std::min(r, count - 1);
+            q[r] = reinterpret_cast<const float*>(qpacked_.data_ptr<scalar_t>()) + qi * d_;
+            self[r] = self_index(qi);
+            heaps[r] = {reinterpret_cast<Entry<float>*>(heaps_.data()) + qi * candidates_, candidates_,
+                        &heap_sizes_[qi]};
+          }
+          fused_scan_6x16(q, count, panels, panel_norms, (nr + kPanel - 1) / kPanel, d_, j0 + offset_, self, heaps);
+        }
+      });
+    }
+    max_ref_norm_ = std::sqrt(max_sq);
+  }
+
+  // Any d: inner-product blocks through the BLAS (at::mm), then the selection.
+  void scan_gemm() {
     const TilePlan plan = plan_tiles(nq_, ref_.rows, d_, sizeof(scalar_t), workspace_bytes_);
     at::Tensor workspace = at::empty({plan.workspace_elements}, at::CppTypeToScalarType<scalar_t>::value);
     scalar_t* packed = workspace.data_ptr<scalar_t>();

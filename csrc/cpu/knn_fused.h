@@ -1,0 +1,87 @@
+// Fused inner products + running top-k for small feature sizes (d <= kFusedMaxDim), AVX2/FMA.
+// A 6-query × 16-reference register tile accumulates its dot products over all d, then its 96 values
+// ‖y‖² − 2·x·y are compared with the six queries' heap thresholds in registers: nothing is written to memory
+// unless a value beats a threshold. Compiled for AVX2 per function, used only where the CPU has it.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "cpu/knn_common.h"
+
+namespace biasfast {
+
+constexpr int64_t kFusedMaxDim = 256;
+constexpr int64_t kPanel = 16;  // references per packed panel: [t][16] floats
+constexpr int64_t kRows = 6;    // queries per register tile
+
+inline bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+// Repack a row-major tile (rows × d) into 16-reference panels; missing references get zeros and norm +inf.
+inline void pack_panels(const float* rows, const float* norms, int64_t n, int64_t d, float* panels,
+                        float* panel_norms) {
+  const int64_t panels_count = (n + kPanel - 1) / kPanel;
+  for (int64_t p = 0; p < panels_count; ++p) {
+    for (int64_t lane = 0; lane < kPanel; ++lane) {
+      const int64_t r = p * kPanel + lane;
+      panel_norms[p * kPanel + lane] = r < n ? norms[r] : std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < d; ++t) panels[(p * d + t) * kPanel + lane] = r < n ? rows[r * d + t] : 0.0f;
+    }
+  }
+}
+
+// For queries q[0..rows) (row-major, stride d) and every panel: push ‖y‖² − 2·x·y into the queries' heaps.
+__attribute__((target("avx2,fma"))) inline void fused_scan_6x16(const float* const* q, int64_t rows,
+                                                                  const float* panels, const float* norms,
+                                                                  int64_t panels_count, int64_t d, int64_t base,
+                                                                  const int64_t* self, HeapView<float>* heaps) {
+  float thr[kRows];
+  for (int64_t r = 0; r < kRows; ++r) thr[r] = r < rows ? heaps[r].threshold() : -std::numeric_limits<float>::infinity();
+  const __m256 minus2 = _mm256_set1_ps(-2.0f);
+  for (int64_t p = 0; p < panels_count; ++p) {
+    const float* b = panels + p * d * kPanel;
+    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
+           c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
+           c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
+           c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+    for (int64_t t = 0; t < d; ++t) {
+      const __m256 b0 = _mm256_loadu_ps(b + t * kPanel), b1 = _mm256_loadu_ps(b + t * kPanel + 8);
+      __m256 a = _mm256_broadcast_ss(q[0] + t);
+      c00 = _mm256_fmadd_ps(a, b0, c00), c01 = _mm256_fmadd_ps(a, b1, c01);
+      a = _mm256_broadcast_ss(q[1] + t);
+      c10 = _mm256_fmadd_ps(a, b0, c10), c11 = _mm256_fmadd_ps(a, b1, c11);
+      a = _mm256_broadcast_ss(q[2] + t);
+      c20 = _mm256_fmadd_ps(a, b0, c20), c21 = _mm256_fmadd_ps(a, b1, c21);
+      a = _mm256_broadcast_ss(q[3] + t);
+      c30 = _mm256_fmadd_ps(a, b0, c30), c31 = _mm256_fmadd_ps(a, b1, c31);
+      a = _mm256_broadcast_ss(q[4] + t);
+      c40 = _mm256_fmadd_ps(a, b0, c40), c41 = _mm256_fmadd_ps(a, b1, c41);
+      a = _mm256_broadcast_ss(q[5] + t);
+      c50 = _mm256_fmadd_ps(a, b0, c50), c51 = _mm256_fmadd_ps(a, b1, c51);
+    }
+    const __m256 n0 = _mm256_loadu_ps(norms + p * kPanel), n1 = _mm256_loadu_ps(norms + p * kPanel + 8);
+    const __m256 acc[kRows][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m256 v0 = _mm256_fmadd_ps(minus2, acc[r][0], n0), v1 = _mm256_fmadd_ps(minus2, acc[r][1], n1);
+      const __m256 th = _mm256_set1_ps(thr[r]);
+      const int mask = _mm256_movemask_ps(_mm256_cmp_ps(v0, th, _CMP_LT_OQ)) |
+                       (_mm256_movemask_ps(_mm256_cmp_ps(v1, th, _CMP_LT_OQ)) << 8);
+      if (mask == 0) continue;
+      alignas(32) float values[kPanel];
+      _mm256_store_ps(values, v0);
+      _mm256_store_ps(values + 8, v1);
+      for (int lane = 0; lane < static_cast<int>(kPanel); ++lane) {
+        const int64_t j = base + p * kPanel + lane;
+        if ((mask >> lane & 1) && values[lane] < thr[r] && j != self[r]) {
+          heaps[r].push({values[lane], j});
+          thr[r] = heaps[r].threshold();
+        }
+      }
+    }
+  }
+}
+
+}  // namespace biasfast

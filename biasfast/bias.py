@@ -35,7 +35,7 @@ class PairDistance(NamedTuple):
 
 @dataclass(frozen=True)
 class BiasReport:
-    """Everything `bias_score` measured. Per-sample tensors have shape (2, n): row 0 model A, row 1 model B."""
+    """Everything `bias_score` measured. Per-sample tensors: float64, shape (2, n), row 0 model A, row 1 model B."""
 
     score: float  # 2·P(d_own < d_cross) − 1 over both models' samples, ties excluded
     score_ci: tuple[float, float]  # 95% Wilson interval on the score scale

@@ -14,6 +14,9 @@ from biasfast.losses import snr_weighted_loss
 from biasfast.weighting import weighting
 from biasfast import sampling  # noqa: F401
 from biasfast.samplers import sample, sample_coupled
+from biasfast import metrics  # noqa: F401
+from biasfast.bias import BiasReport, bias_score
+from biasfast.rowhash import row_hash
 
 __version__ = "0.1.0"
 
@@ -26,12 +29,15 @@ def info() -> str:
 
 
 __all__ = [
+    "BiasReport",
     "FilteredHierarchicalModel",
     "NoiseSchedule",
+    "bias_score",
     "distributed",
     "info",
     "knn",
     "pairwise_distances",
+    "row_hash",
     "sample",
     "sample_coupled",
     "snr_weighted_loss",

@@ -178,3 +178,20 @@ def register_knn() -> None:
 
 if _extension.available():
     register_knn()
+
+
+# ---- memorization metrics (issue: bias_score) ----
+
+
+def _row_hash_fake(rows: torch.Tensor) -> torch.Tensor:
+    torch._check(rows.dim() == 2, lambda: "row_hash: rows must be 2-D")
+    return rows.new_empty((rows.shape[0],), dtype=torch.int64)
+
+
+def register_row_hash() -> None:
+    # An integer hash has no gradient; no autograd formula is registered.
+    torch.library.register_fake("biasfast::row_hash")(_row_hash_fake)
+
+
+if _extension.available():
+    register_row_hash()

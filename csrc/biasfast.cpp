@@ -87,4 +87,9 @@ TORCH_LIBRARY(biasfast, m) {
         " -> (Tensor, Tensor)");
   // Same for integer token rows under the hamming distance (number of differing positions, as float32).
   m.def("knn_hamming(Tensor query, Tensor ref, int k, int index_offset, bool exclude_self) -> (Tensor, Tensor)");
+
+  // ---- memorization metrics (issue: bias_score) ----
+  // 64-bit hash of each row of a 2-D tensor of any dtype (-0.0 == 0.0): rows (n, d) -> int64 (n,).
+  // Equal rows hash equally; bias_score uses it to find rows shared by two training sets.
+  m.def("row_hash(Tensor rows) -> Tensor");
 }

@@ -75,8 +75,10 @@ def snr_loss_setup_context(ctx, inputs, output) -> None:
 
 
 def _is_one(grad_loss: torch.Tensor) -> bool:
-    # Checking the value syncs a GPU and cannot be traced, so only eager CPU skips the multiply.
-    return grad_loss.device.type == "cpu" and not torch.compiler.is_compiling() and bool(grad_loss == 1)
+    # Checking the value syncs a GPU and cannot be traced (compile, AOT tracing use Tensor subclasses),
+    # so only eager CPU skips the multiply.
+    eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
+    return eager and grad_loss.device.type == "cpu" and bool(grad_loss == 1)
 
 
 def _scaled_gradient(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: str) -> torch.Tensor:

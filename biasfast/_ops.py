@@ -127,8 +127,14 @@ def _sampler_step_fake(x_t, model_output, uncond_output, noise, t, t_prev, alpha
     return x_prev, x0
 
 
+def _sampler_step_out_fake(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction,
+                           eta, guidance_scale, clip_sample, out, x0_out):
+    torch._check(out.shape == x_t.shape, lambda: "sampler_step_out: out must have x_t's shape")
+
+
 def register_sampling() -> None:
     torch.library.register_fake("biasfast::sampler_step")(_sampler_step_fake)
+    torch.library.register_fake("biasfast::sampler_step_out")(_sampler_step_out_fake)
 
 
 if _extension.available():

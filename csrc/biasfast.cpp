@@ -66,6 +66,11 @@ TORCH_LIBRARY(biasfast, m) {
       "sampler_step(Tensor x_t, Tensor model_output, Tensor? uncond_output, Tensor? noise, Tensor t, Tensor t_prev, "
       "Tensor alphas_cumprod, str method, str prediction, float eta, float? guidance_scale, float? clip_sample, "
       "bool return_x0) -> (Tensor, Tensor)");
+  // The same step written into preallocated out (may be x_t itself: in place) and x0_out (empty: not written).
+  m.def(
+      "sampler_step_out(Tensor x_t, Tensor model_output, Tensor? uncond_output, Tensor? noise, Tensor t, "
+      "Tensor t_prev, Tensor alphas_cumprod, str method, str prediction, float eta, float? guidance_scale, "
+      "float? clip_sample, Tensor(a!) out, Tensor(b!) x0_out) -> ()");
   // ---- exact k-nearest neighbours (issue 3) ----
   // k smallest distances from each query row to the reference rows, exact (re-ranked, certified); indices are
   // index_offset + row in ref, ties broken by the lower index; rows with fewer than k eligible references are

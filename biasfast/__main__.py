@@ -85,9 +85,26 @@ def _run(args: argparse.Namespace) -> int:
         _run_one(RunConfig(**base, weighting=weightings[0]), out, args, resume=False)
         return 0
     configs = [RunConfig(**base, weighting=w) for w in weightings]
-    for config in configs:
-        _run_one(config, os.path.join(out, config.weighting), args, resume=False)
+    runs = {c.weighting: os.path.join(out, c.weighting) for c in configs}
+    results = {c.weighting: _run_one(c, runs[c.weighting], args, resume=False) for c in configs}
+    _print_comparison(results, runs, configs[0])
     return 0
+
+
+def _print_comparison(results: dict, runs: dict, config) -> None:
+    from biasfast.data import load_images, split_disjoint
+    from biasfast.experiment import compare_weightings, write_json_atomic
+
+    source = load_images(config.data, image_size=config.image_size, channels=config.channels)
+    test = split_disjoint(source, config.n_train, config.n_test, seed=config.seed).test
+    table = compare_weightings(results, runs, test)
+    out = os.path.dirname(next(iter(runs.values())))
+    write_json_atomic(table, os.path.join(out, "comparison.json"))
+    print(f"\n== weightings at equal iterations (sliced Wasserstein distance to the test set, pixel space)")
+    print(f"{'weighting':>12} {'step':>6} {'SWD (A, B mean)':>16} {'± half-range':>12} {'test loss':>10} {'score':>7}")
+    for name, row in table.items():
+        print(f"{name:>12} {row['step']:>6} {row['swd_mean']:>16.4f} {row['swd_spread']:>12.4f} "
+              f"{row['test_loss']:>10.4f} {row['bias_score']:>7.3f}")
 
 
 def _load_array(path: str, name: str):

@@ -114,3 +114,18 @@ def test_bias_score_command(quick_run, tmp_path, capsys):
     assert main(["bias-score", "--samples-a", str(tmp_path / "missing.npy"), "--samples-b", "x", "--train-a", "x",
                  "--train-b", "x"]) == 2
     capsys.readouterr()
+
+
+def test_sliced_wasserstein_is_exact_for_shifts():
+    import torch
+
+    from biasfast.experiment import sliced_wasserstein
+
+    x = torch.randn(50, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    assert sliced_wasserstein(x, x) == 0
+    shift = torch.linspace(-1, 1, 9).view(1, 1, 3, 3)
+    directions = torch.randn(9, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    directions /= directions.norm(dim=0, keepdim=True)
+    expected = (shift.flatten().double() @ directions).abs().mean().item()
+    assert sliced_wasserstein(x, x + shift, projections=16, seed=4) == pytest.approx(expected, rel=1e-9)
+    assert sliced_wasserstein(x, x[:20] + 5) > sliced_wasserstein(x, x[:20])

@@ -48,6 +48,8 @@ def _explicit_options(args: argparse.Namespace) -> dict:
 def _run_one(config, out: str, args: argparse.Namespace, resume: bool) -> dict:
     from biasfast.experiment import CONFIG_FILE, Experiment, prepare_output, summary_table, write_json_atomic
 
+    if not resume and not args.overwrite:
+        prepare_output(out, resume=False, overwrite=False)  # refuse an existing run before any slow set-up
     experiment = Experiment(config, out, device=args.device, progress=not args.no_progress)  # validates first
     prepare_output(out, resume=resume, overwrite=args.overwrite)
     if not resume:
@@ -85,6 +87,10 @@ def _run(args: argparse.Namespace) -> int:
         _run_one(RunConfig(**base, weighting=weightings[0]), out, args, resume=False)
         return 0
     configs = [RunConfig(**base, weighting=w) for w in weightings]
+    import biasfast
+
+    for config in configs:  # fail on a bad name before the first run starts
+        biasfast.weighting(config.weighting, biasfast.NoiseSchedule(config.schedule, config.num_timesteps))
     runs = {c.weighting: os.path.join(out, c.weighting) for c in configs}
     results = {c.weighting: _run_one(c, runs[c.weighting], args, resume=False) for c in configs}
     _print_comparison(results, runs, configs[0])

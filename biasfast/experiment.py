@@ -8,11 +8,9 @@ a `BiasTracker`. Checkpoints hold everything needed to resume after a SIGKILL wi
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
-import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from tqdm.auto import tqdm

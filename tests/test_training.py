@@ -1,6 +1,5 @@
 """Trainer: counter-based randomness, exact resume from a checkpoint, EMA, the fixed-noise test loss."""
 
-import os
 
 import pytest
 import torch

@@ -101,15 +101,27 @@ def _print_comparison(results: dict, runs: dict, config) -> None:
     from biasfast.data import load_images, split_disjoint
     from biasfast.experiment import compare_weightings, write_json_atomic
 
+    import torch
+
+    from biasfast.experiment import feature_classifier
+
     source = load_images(config.data, image_size=config.image_size, channels=config.channels)
-    test = split_disjoint(source, config.n_train, config.n_test, seed=config.seed).test
-    table = compare_weightings(results, runs, test)
+    split = split_disjoint(source, config.n_train, config.n_test, seed=config.seed)
     out = os.path.dirname(next(iter(runs.values())))
+    classifier = None
+    if split.labels_a is not None:  # FID needs a classifier of the training split, hence labels
+        classifier = feature_classifier(torch.cat([split.train_a, split.train_b]),
+                                        torch.cat([split.labels_a, split.labels_b]),
+                                        os.path.join(out, "classifier.pt"), seed=config.seed)
+    table = compare_weightings(results, runs, split.test, classifier)
     write_json_atomic(table, os.path.join(out, "comparison.json"))
-    print(f"\n== weightings at equal iterations (sliced Wasserstein distance to the test set, pixel space)")
-    print(f"{'weighting':>12} {'step':>6} {'SWD (A, B mean)':>16} {'± half-range':>12} {'test loss':>10} {'score':>7}")
+    print("\n== weightings at equal iterations: sliced Wasserstein distance (pixel space) and FID (digit-classifier "
+          "features) of the final samples to the test set")
+    print(f"{'weighting':>12} {'step':>6} {'SWD (A, B mean)':>16} {'± half-range':>12} {'FID (A, B mean)':>16} "
+          f"{'± half-range':>12} {'test loss':>10} {'score':>7}")
     for name, row in table.items():
-        print(f"{name:>12} {row['step']:>6} {row['swd_mean']:>16.4f} {row['swd_spread']:>12.4f} "
+        fid = (f"{row['fid_mean']:>16.4f} {row['fid_spread']:>12.4f}" if "fid_mean" in row else f"{'-':>16} {'-':>12}")
+        print(f"{name:>12} {row['step']:>6} {row['swd_mean']:>16.4f} {row['swd_spread']:>12.4f} {fid} "
               f"{row['test_loss']:>10.4f} {row['bias_score']:>7.3f}")
 
 

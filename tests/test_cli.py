@@ -131,3 +131,24 @@ def test_sliced_wasserstein_is_exact_for_shifts():
     expected = (shift.flatten().double() @ directions).abs().mean().item()
     assert sliced_wasserstein(x, x + shift, projections=16, seed=4) == pytest.approx(expected, rel=1e-6)
     assert sliced_wasserstein(x, x[:20] + 5) > sliced_wasserstein(x, x[:20])
+
+
+def test_frechet_distance_and_cached_classifier(tmp_path):
+    import torch
+
+    from biasfast.data import load_digits, split_disjoint
+    from biasfast.experiment import classifier_fid, feature_classifier, frechet_distance
+
+    x = torch.randn(400, 5, generator=torch.Generator().manual_seed(0))
+    assert abs(frechet_distance(x, x)) < 1e-6
+    shift = torch.tensor([1.0, -2.0, 0.0, 0.5, 0.0])
+    assert frechet_distance(x, x + shift) == pytest.approx(5.25, rel=1e-6)  # covariance equal: |shift|²
+    split = split_disjoint(load_digits(), 400, 300, seed=0)
+    cache = str(tmp_path / "classifier.pt")
+    net = feature_classifier(split.train_a, split.labels_a, cache, steps=200)
+    accuracy = (net(split.test).argmax(1) == split.labels_test).double().mean().item()
+    assert accuracy > 0.85 and os.path.isfile(cache)
+    again = feature_classifier(split.train_a, split.labels_a, cache, steps=0)  # loaded, not retrained
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    near, far = classifier_fid(net, split.train_b, split.test), classifier_fid(net, -split.test, split.test)
+    assert 0 <= near < far

@@ -1,0 +1,1 @@
+"""Datasets (placeholder until the main-job branch lands its data package)."""

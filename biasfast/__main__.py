@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from biasfast.debias.cli import add_parser as add_debias_parser
+
 
 def _info(args: argparse.Namespace) -> int:
     import biasfast
@@ -26,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="show the build and which implementation each op uses").set_defaults(func=_info)
     commands.add_parser("run", help="the main job on the embedded default data").set_defaults(func=_run)
+    add_debias_parser(commands)
     return parser
 
 

@@ -190,7 +190,7 @@ def test_method_names_and_bad_choices(small_data):
         method_name(None, "dfa")
     with pytest.raises(ValueError, match="recipe: --recipe applies"):
         method_name(1, "erm")
-    with pytest.raises(ValueError, match="synthetic: method 'ddb-1' needs"):
+    with pytest.raises(ValueError, match="synthetic: DDB needs a synthetic-data source"):
         run_method(small_data, "ddb-1", 0, BenchmarkConfig.quick())
     with pytest.raises(ValueError, match="method: expected one of"):
         run_method(small_data, "nope", 0, BenchmarkConfig.quick())

@@ -57,11 +57,29 @@ def method_name(recipe: int | None, baseline: str | None) -> str:
     return baseline
 
 
+def _amplifier(
+    data: ColoredDigits, source: str, seed: int, config: BenchmarkConfig, synthetic: SyntheticSource | None
+) -> BiasAmplifier:
+    """Fit a BA on the real training images ("real") or on synthetic ones, for as many optimiser steps as
+    `config.amplifier.epochs` epochs of the real training set (a fair ablation whatever the synthetic size)."""
+    if source == "real":
+        images, labels = data.train.images, data.train.labels
+    else:
+        if synthetic is None:
+            raise ValueError("synthetic: DDB needs a synthetic-data source (a diffusion generator)")
+        images, labels = synthetic(data, seed)
+    epochs = max(1, round(config.amplifier.epochs * len(data.train) / labels.numel()))
+    return BiasAmplifier(in_channels=data.train.images.shape[1], width=config.width,
+                         config=replace(config.amplifier, epochs=epochs), seed=seed + 20_000).fit(images, labels)
+
+
 def run_method(
     data: ColoredDigits, method: str, seed: int, config: BenchmarkConfig,
-    synthetic: SyntheticSource | None = None,
+    synthetic: SyntheticSource | None = None, amplifiers: dict[str, BiasAmplifier] | None = None,
 ) -> dict[str, float]:
-    """Train one method on data.train (selecting on data.val) and evaluate on the unbiased test split."""
+    """Train one method on data.train (selecting on data.val) and evaluate on the unbiased test split.
+
+    `amplifiers` caches the BA per source ("real"/"synthetic") across the recipes of one (ratio, seed)."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     common = dict(config=config.classifier, seed=seed, width=config.width)
@@ -72,18 +90,15 @@ def run_method(
     elif method == "jtt":
         model = train_jtt(data.train, data.val, up_weight=config.jtt_up_weight, **common)
     else:
-        if method.startswith("ddb-real"):
-            images, labels = data.train.images, data.train.labels
-        else:
-            if synthetic is None:
-                raise ValueError(f"synthetic: method {method!r} needs a synthetic-data source (a diffusion generator)")
-            images, labels = synthetic(data, seed)
-        amplifier = BiasAmplifier(in_channels=data.train.images.shape[1], width=config.width,
-                                  config=config.amplifier, seed=seed + 20_000).fit(images, labels)
+        source = "real" if method.startswith("ddb-real") else "synthetic"
+        amplifiers = {} if amplifiers is None else amplifiers
+        if source not in amplifiers:
+            amplifiers[source] = _amplifier(data, source, seed, config, synthetic)
         if method.endswith("-1"):
-            model = recipe_one(data.train, amplifier, data.val, step_size=config.group_dro_step_size, **common)
+            model = recipe_one(data.train, amplifiers[source], data.val, step_size=config.group_dro_step_size,
+                               **common)
         else:
-            model = recipe_two(data.train, amplifier, data.val, **common)
+            model = recipe_two(data.train, amplifiers[source], data.val, **common)
     return evaluate(model, data.test)
 
 
@@ -97,9 +112,10 @@ def run_benchmark(
         results[ratio] = {m: [] for m in methods}
         for seed in config.seeds:
             data = colored_digits(ratio, seed=seed, repeats=config.repeats)
+            amplifiers: dict[str, BiasAmplifier] = {}
             for method in methods:
                 start = time.perf_counter()
-                metrics = run_method(data, method, seed, config, synthetic)
+                metrics = run_method(data, method, seed, config, synthetic, amplifiers)
                 results[ratio][method].append(metrics)
                 log(f"ratio {ratio} seed {seed} {method:10s} {time.perf_counter() - start:6.1f}s  "
                     + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))

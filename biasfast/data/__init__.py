@@ -1,1 +1,13 @@
-"""Datasets (placeholder until the main-job branch lands its data package)."""
+"""Datasets for the main job and the debiasing recipes: (N, C, H, W) float32 tensors in [−1, 1]."""
+
+from biasfast.data.images import (
+    DisjointSplit,
+    ImageSet,
+    array_to_images,
+    load_digits,
+    load_images,
+    split_disjoint,
+)
+
+__all__ = ["DisjointSplit", "ImageSet", "array_to_images", "load_digits", "load_images", "split_disjoint"]
+# Other dataset modules add their import and __all__ entry below this line.

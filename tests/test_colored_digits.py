@@ -10,7 +10,7 @@ from biasfast.data.colored_digits import (
     ColoredSplit,
     colored_digits,
     colorize,
-    load_digits,
+    grey_digits,
     make_bias_labels,
 )
 
@@ -22,7 +22,7 @@ def test_palette_is_lff_colors_th():
 
 
 def test_bundled_digits():
-    images, labels = load_digits()
+    images, labels = grey_digits()
     assert images.shape == (1797, 8, 8) and images.min() == 0 and images.max() == 1
     assert torch.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
 

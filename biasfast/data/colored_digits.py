@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from biasfast.data.images import load_digits
+
 NUM_CLASSES = 10
 ALIGNED_RATIOS = (0.95, 0.98, 0.99, 0.995)
 
@@ -109,13 +111,10 @@ def check_ratio(ratio: object) -> float:
     return float(ratio)
 
 
-def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's bundled digits (no download): images (1797, 8, 8) float32 in [0, 1], labels int64."""
-    from sklearn.datasets import load_digits as _sk_load_digits
-
-    bunch = _sk_load_digits()
-    images = torch.as_tensor(bunch.images, dtype=torch.float32) / 16.0
-    return images, torch.as_tensor(bunch.target, dtype=torch.int64)
+def grey_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled digits (no download) as images (1797, 8, 8) in [0, 1] (LfF's scale) and labels."""
+    digits = load_digits()
+    return (digits.images[:, 0] + 1) / 2, digits.labels
 
 
 def _round_half_up(x: float) -> int:
@@ -178,7 +177,7 @@ def colored_digits(
     if (images is None) != (labels is None):
         raise ValueError("images, labels: pass both or neither")
     if images is None:
-        images, labels = load_digits()
+        images, labels = grey_digits()
     check_labelled_images(images, labels)
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats: expected a positive int, got {repeats!r}")

@@ -6,6 +6,9 @@ from biasfast import schedules  # noqa: F401
 from biasfast.distances import sqdist
 from biasfast.buildinfo import info as _info_text
 from biasfast.schedules import NoiseSchedule
+from biasfast import nn  # noqa: F401
+from biasfast.losses import snr_weighted_loss
+from biasfast.weighting import weighting
 
 __version__ = "0.1.0"
 
@@ -17,4 +20,4 @@ def info() -> str:
     return text
 
 
-__all__ = ["NoiseSchedule", "info", "sqdist"]
+__all__ = ["NoiseSchedule", "info", "snr_weighted_loss", "sqdist", "weighting"]

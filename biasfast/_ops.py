@@ -44,3 +44,74 @@ def register() -> None:
 
 if _extension.available():
     register()
+
+
+# ---- SNR-weighted loss (issue 5): biasfast::snr_loss (C++, CPU) and biasfast::snr_loss_triton share these ----
+# The forward already returns d loss / d pred (Liger-Kernel style); backward only rescales it.
+
+
+def _snr_loss_fake(pred, target, timesteps, weights, reduction: str, compute_grad: bool):
+    torch._check(pred.dim() >= 1, lambda: "snr_loss: pred must have a batch dimension")
+    torch._check(target.shape == pred.shape, lambda: "snr_loss: target and pred shapes differ")
+    torch._check(timesteps.dim() == 1 and timesteps.shape[0] == pred.shape[0], lambda: "snr_loss: timesteps length")
+    torch._check(weights.dim() == 1, lambda: "snr_loss: weights must be 1-D")
+    dtype = _accumulate_dtype(pred.dtype)
+    batch = pred.shape[0]
+    loss = pred.new_empty((batch,) if reduction == "none" else (), dtype=dtype)
+    mse = pred.new_empty((batch,), dtype=dtype)
+    grad = pred.new_empty(pred.shape) if compute_grad else pred.new_empty((0,))
+    return loss, mse, grad
+
+
+def snr_loss_setup_context(ctx, inputs, output) -> None:
+    _, _, timesteps, weights, reduction, _ = inputs
+    _, mse, grad = output
+    ctx.mark_non_differentiable(mse, grad)
+    ctx.set_materialize_grads(False)
+    ctx.reduction = reduction
+    ctx.scale = 1.0 / mse.shape[0] if reduction == "mean" else 1.0
+    ctx.weights_meta = (weights.shape, weights.dtype)
+    ctx.save_for_backward(grad, timesteps, mse)
+
+
+def _is_one(grad_loss: torch.Tensor) -> bool:
+    # Checking the value syncs a GPU and cannot be traced, so only eager CPU skips the multiply.
+    return grad_loss.device.type == "cpu" and not torch.compiler.is_compiling() and bool(grad_loss == 1)
+
+
+def _scaled_gradient(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        per_sample = grad_loss.view(-1, *([1] * (grad.dim() - 1)))
+        return (grad * per_sample).to(grad.dtype)
+    return grad if _is_one(grad_loss) else grad * grad_loss  # a 0-d factor keeps grad's dtype
+
+
+def snr_loss_backward(ctx, grad_loss, _grad_mse, _grad_grad):
+    grad, timesteps, mse = ctx.saved_tensors
+    need_pred, need_target, _, need_weights = ctx.needs_input_grad[:4]
+    grad_pred = grad_target = grad_weights = None
+    if grad_loss is None:
+        return None, None, None, None, None, None
+    if need_pred or need_target:
+        torch._check(
+            grad.numel() > 0,
+            lambda: "snr_loss: backward needs the gradient from forward; call it with compute_grad=True "
+            "(biasfast.snr_weighted_loss does this whenever pred or target requires grad)",
+        )
+        scaled = _scaled_gradient(grad, grad_loss, ctx.reduction)
+        grad_pred = scaled if need_pred else None
+        grad_target = -scaled if need_target else None
+    if need_weights:
+        shape, dtype = ctx.weights_meta
+        contribution = (grad_loss * ctx.scale * mse).to(dtype)
+        grad_weights = torch.zeros(shape, dtype=dtype, device=mse.device).index_add_(0, timesteps, contribution)
+    return grad_pred, grad_target, None, grad_weights, None, None
+
+
+def register_snr_loss() -> None:
+    torch.library.register_fake("biasfast::snr_loss")(_snr_loss_fake)
+    torch.library.register_autograd("biasfast::snr_loss", snr_loss_backward, setup_context=snr_loss_setup_context)
+
+
+if _extension.available():
+    register_snr_loss()

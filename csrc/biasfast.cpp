@@ -53,4 +53,10 @@ TORCH_LIBRARY(biasfast, m) {
   // ---- distances (issue: kNN engine) ----
   // Exact squared Euclidean distances by direct differences: x (n, d), y (m, d) -> (n, m).
   m.def("sqdist(Tensor x, Tensor y) -> Tensor");
+
+  // ---- SNR-weighted loss (issue 5: weightings and the fused loss) ----
+  // loss = reduce_b(weights[timesteps[b]] * mean_i (pred[b,i] - target[b,i])^2), the unweighted per-sample MSE (B,),
+  // and, when compute_grad, d loss / d pred (same shape and dtype as pred; backward only rescales it).
+  m.def("snr_loss(Tensor pred, Tensor target, Tensor timesteps, Tensor weights, str reduction, bool compute_grad) "
+        "-> (Tensor loss, Tensor mse, Tensor grad)");
 }

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-TRITON_OPS: list[str] = []
+TRITON_OPS: list[str] = ["snr_loss_triton"]
 
 
 def interpreted() -> bool:
@@ -25,3 +25,7 @@ def enabled() -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
     return interpreted() or torch.cuda.is_available()
+
+
+if enabled():
+    from biasfast.kernels import snr_loss  # noqa: F401,E402  (registers biasfast::snr_loss_triton)

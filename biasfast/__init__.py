@@ -9,6 +9,8 @@ from biasfast.schedules import NoiseSchedule
 from biasfast import nn  # noqa: F401
 from biasfast.losses import snr_weighted_loss
 from biasfast.weighting import weighting
+from biasfast import sampling  # noqa: F401
+from biasfast.samplers import sample, sample_coupled
 
 __version__ = "0.1.0"
 
@@ -20,4 +22,4 @@ def info() -> str:
     return text
 
 
-__all__ = ["NoiseSchedule", "info", "snr_weighted_loss", "sqdist", "weighting"]
+__all__ = ["NoiseSchedule", "info", "sample", "sample_coupled", "snr_weighted_loss", "sqdist", "weighting"]

@@ -115,3 +115,21 @@ def register_snr_loss() -> None:
 
 if _extension.available():
     register_snr_loss()
+
+
+# ---- sampling (issue 6): fused DDPM/DDIM/CFG step; sampling is inference-only, so no autograd ----
+
+def _sampler_step_fake(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
+                       guidance_scale, clip_sample, return_x0):
+    torch._check(model_output.shape == x_t.shape, lambda: "sampler_step: model_output must have x_t's shape")
+    x_prev = torch.empty_like(x_t, memory_format=torch.contiguous_format)
+    x0 = torch.empty_like(x_prev) if return_x0 else x_t.new_empty((0,))
+    return x_prev, x0
+
+
+def register_sampling() -> None:
+    torch.library.register_fake("biasfast::sampler_step")(_sampler_step_fake)
+
+
+if _extension.available():
+    register_sampling()

@@ -1,0 +1,43 @@
+"""The CFG + DDIM(eta = 1) + clip sampler step: biasfast's fused kernel vs the reference (eager and compiled).
+
+`copy` times out.copy_(x) on the same size: the machine's streaming bandwidth, from which the memory floor
+of the step (four tensors read, one written) is 5/2 of the copy time.
+"""
+
+import pytest
+import torch
+
+import biasfast
+from biasfast import reference
+from biasfast.sampling import step
+from benchmarks.conftest import shapes
+
+SHAPES = shapes(full=[(128, 3, 32, 32), (64, 3, 64, 64), (32, 4, 256, 256)], quick=[(3, 2, 5, 7)])
+PROVIDERS = ["biasfast", "reference", "compiled", "copy"]
+SCHEDULE = biasfast.NoiseSchedule("linear", 1000)
+GUIDANCE, CLIP = 7.5, 1.0
+
+
+def _reference_step(x, cond, uncond, noise, t, t_prev, table):
+    return reference.sampler_step(x, cond, t, t_prev, table, eta=1.0, guidance_scale=GUIDANCE, uncond_output=uncond,
+                                  noise=noise, clip_sample=CLIP)[0]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cfg_ddim_clip_step(bench, benchmark, provider, shape):
+    benchmark.group = f"sampler step {'x'.join(map(str, shape))}"
+    x, cond, uncond, noise = (torch.randn(shape) for _ in range(4))
+    t = torch.randint(1, 1000, (shape[0],))
+    t_prev = t - 20
+    table = SCHEDULE.table("cpu", torch.float32)
+    out = torch.empty_like(x)
+    compiled = torch.compile(_reference_step)
+    fn = {
+        "biasfast": lambda: step(x, cond, t, t_prev, SCHEDULE, eta=1.0, guidance_scale=GUIDANCE, uncond_output=uncond,
+                                 noise=noise, clip_sample=CLIP),
+        "reference": lambda: _reference_step(x, cond, uncond, noise, t, t_prev, table),
+        "compiled": lambda: compiled(x, cond, uncond, noise, t, t_prev, table),
+        "copy": lambda: out.copy_(x),
+    }[provider]
+    bench(fn, provider=provider, shape="x".join(map(str, shape)), rounds=20, warmup=3)

@@ -1,0 +1,136 @@
+"""The fused DDPM/DDIM sampler step with classifier-free guidance: one pass over x_t and the model outputs.
+
+Coefficients are gathered from the schedule's device-resident ᾱ table inside the kernel with per-sample
+timesteps, so a sampling loop never calls `.item()` and, on CUDA, is capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from biasfast import _extension, kernels
+from biasfast._validation import check_floating, check_tensor
+from biasfast.schedules import NoiseSchedule
+
+METHODS = ("ddpm", "ddim")
+PREDICTIONS = ("epsilon", "sample", "v_prediction")
+
+
+def step(
+    x_t: torch.Tensor,
+    model_output: torch.Tensor,
+    t: int | torch.Tensor,
+    t_prev: int | torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    method: str = "ddim",
+    prediction: str = "epsilon",
+    eta: float = 0.0,
+    guidance_scale: float | None = None,
+    uncond_output: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    clip_sample: float | None = None,
+    return_x0: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """x_t → x_{t_prev}, as diffusers' `DDPMScheduler.step` (fixed_small variance) / `DDIMScheduler.step`.
+
+    t, t_prev: ints or integer tensors of shape () or (B,) (per-sample timesteps); t_prev = -1 is the final
+    step (ᾱ_prev = 1). method "ddpm" (ancestral) or "ddim" (with `eta` in [0, 1]); prediction "epsilon",
+    "sample" or "v_prediction". Guidance: `model_output` is the conditional output and the model output used is
+    uncond + guidance_scale·(cond − uncond) (diffusers' convention; Ho & Salimans' (1 + w)·ε_c − w·ε_u is
+    guidance_scale = 1 + w). `noise` (like x_t) is required for "ddpm" and for eta > 0. `clip_sample` clamps
+    x̂0 to ±clip_sample. Returns x_prev, or (x_prev, x̂0) with `return_x0`.
+    """
+    _check_arguments(x_t, model_output, uncond_output, noise, method, prediction, eta, guidance_scale, clip_sample)
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule: expected a biasfast.NoiseSchedule, got {type(schedule).__name__}")
+    batch, steps = x_t.shape[0], schedule.num_timesteps
+    t = _timestep_tensor(t, "t", batch, x_t.device, steps)
+    t_prev = _timestep_tensor(t_prev, "t_prev", batch, x_t.device, steps)
+    _check_order(t, t_prev, steps)
+    table = schedule.table(x_t.device, torch.float64)
+    x_prev, x0 = _op_for(x_t.device)(x_t, model_output, uncond_output, noise, t, t_prev, table, method, prediction,
+                                     float(eta), _optional_float(guidance_scale), _optional_float(clip_sample),
+                                     return_x0)
+    return (x_prev, x0) if return_x0 else x_prev
+
+
+def _op_for(device: torch.device):
+    """The C++ kernel on the CPU, the Triton kernel on CUDA; never a silent fallback to the reference."""
+    if device.type == "cpu":
+        _extension.require()
+        return torch.ops.biasfast.sampler_step
+    if device.type == "cuda":
+        if "sampler_step_triton" not in kernels.TRITON_OPS:
+            raise RuntimeError("x_t: the CUDA sampler step needs Triton (pip install triton); it is not available")
+        return torch.ops.biasfast.sampler_step_triton
+    raise ValueError(f"x_t: unsupported device {device}; expected cpu or cuda")
+
+
+def _optional_float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _check_arguments(x_t, model_output, uncond_output, noise, method, prediction, eta, guidance_scale, clip_sample):
+    check_tensor(x_t, "x_t")
+    check_floating(x_t, "x_t")
+    if x_t.dim() < 1:
+        raise ValueError("x_t: expected a batch dimension (shape (B, ...))")
+    for name, value in (("model_output", model_output), ("uncond_output", uncond_output), ("noise", noise)):
+        if value is None and name != "model_output":
+            continue
+        check_tensor(value, name)
+        if value.shape != x_t.shape:
+            raise ValueError(f"{name}: shape {tuple(value.shape)} does not match x_t's {tuple(x_t.shape)}")
+        if value.dtype != x_t.dtype:
+            raise TypeError(f"{name}: dtype {value.dtype} does not match x_t's {x_t.dtype}")
+        if value.device != x_t.device:
+            raise ValueError(f"{name}: on {value.device}, but x_t is on {x_t.device}")
+    if method not in METHODS:
+        raise ValueError(f"method: unknown {method!r}; expected one of {METHODS}")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction: unknown {prediction!r}; expected one of {PREDICTIONS}")
+    if guidance_scale is not None and uncond_output is None:
+        raise ValueError("uncond_output: required when guidance_scale is set (classifier-free guidance)")
+    if uncond_output is not None and guidance_scale is None:
+        raise ValueError("guidance_scale: required when uncond_output is given")
+    if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta: expected a number in [0, 1], got {eta!r}")
+    if method == "ddpm" and eta != 0.0:
+        raise ValueError("eta: only used by method='ddim'; DDPM's variance is fixed_small")
+    if noise is None and (method == "ddpm" or eta > 0):
+        raise ValueError(f"noise: required when method is 'ddpm' or eta > 0 (method={method!r}, eta={eta})")
+    if clip_sample is not None and not (isinstance(clip_sample, (int, float)) and clip_sample > 0):
+        raise ValueError(f"clip_sample: expected a positive bound or None, got {clip_sample!r}")
+
+
+def _timestep_tensor(value, name: str, batch: int, device: torch.device, steps: int) -> torch.Tensor:
+    """(B,) int64 timesteps on `device`; Python ints become a fill (no host-to-device copy, capturable)."""
+    low = -1 if name == "t_prev" else 0
+    if isinstance(value, bool) or not isinstance(value, (int, torch.Tensor)):
+        raise TypeError(f"{name}: expected an int or an integer tensor, got {type(value).__name__}")
+    if isinstance(value, int):
+        if not low <= value < steps:
+            raise ValueError(f"{name}: {value} is outside [{low}, {steps})")
+        return torch.full((batch,), value, dtype=torch.int64, device=device)
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got dtype {value.dtype}")
+    if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
+        raise ValueError(f"{name}: expected shape () or ({batch},), got {tuple(value.shape)}")
+    value = value.to(device=device, dtype=torch.int64)
+    return value.expand(batch) if value.dim() == 0 else value
+
+
+def _check_order(t: torch.Tensor, t_prev: torch.Tensor, steps: int) -> None:
+    """Range checks; on CUDA or under torch.compile as asynchronous device asserts (no host sync)."""
+    checks = (
+        ((t >= 0) & (t < steps), f"t: values must lie in [0, {steps})"),
+        ((t_prev >= -1) & (t_prev < t), "t_prev: values must satisfy -1 <= t_prev < t"),
+    )
+    eager_host = t.device.type == "cpu" and not torch.compiler.is_compiling()
+    for ok, message in checks:
+        if eager_host:
+            if not bool(ok.all()):
+                raise ValueError(message)
+        else:
+            torch._assert_async(ok.all(), message)

@@ -1,0 +1,248 @@
+// Fused DDPM/DDIM sampler step with classifier-free guidance on the CPU: one pass that reads x_t, the
+// (conditional, unconditional) model outputs and the noise once and writes x_{t'} (and optionally x̂0) once.
+//
+// Every method/prediction pair is linear per sample, so the host computes, once per sample and in double,
+//   g   = u + s·(c − u)                        (c without guidance)
+//   x̂0 = clamp(a0·x + b0·g, ±clip)            (clamp optional)
+//   ε̂  = a1·x + b1·g
+//   out = p0·x̂0 + p1·ε̂ + p2·x + σ·z
+// following diffusers' DDPMScheduler.step (fixed_small variance) and DDIMScheduler.step.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+#include "checks.h"
+#include "sampler_coefficients.h"
+
+namespace biasfast {
+namespace {
+
+template <typename T>
+struct StepCoefficients {
+  T a0, b0, a1, b1, p0, p1, p2, sigma;
+};
+
+struct StepFlags {
+  bool guided, clip, noisy, write_x0;
+};
+
+template <typename T>
+StepCoefficients<T> cast_coefficients(const SamplerCoefficients& c) {
+  return {T(c.a0), T(c.b0), T(c.a1), T(c.b1), T(c.p0), T(c.p1), T(c.p2), T(c.sigma)};
+}
+
+// One sample's contiguous range [begin, end); the tail uses partial loads so every element sees the
+// same arithmetic (results do not depend on where the range starts: batch-size invariance).
+template <typename T>
+void step_range(const T* x, const T* cond, const T* uncond, const T* noise, T* out, T* x0_out, int64_t begin,
+                int64_t end, const StepCoefficients<T>& k, T scale, T clip, const StepFlags& f) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t lanes = Vec::size();
+  const Vec a0(k.a0), b0(k.b0), a1(k.a1), b1(k.b1), p0(k.p0), p1(k.p1), p2(k.p2), sigma(k.sigma), s(scale);
+  const Vec lo(-clip), hi(clip);
+  for (int64_t i = begin; i < end; i += lanes) {
+    const int64_t n = std::min(lanes, end - i);
+    const Vec xv = Vec::loadu(x + i, n);
+    Vec g = Vec::loadu(cond + i, n);
+    if (f.guided) {
+      const Vec u = Vec::loadu(uncond + i, n);
+      g = at::vec::fmadd(s, g - u, u);
+    }
+    Vec x0 = at::vec::fmadd(b0, g, a0 * xv);
+    if (f.clip) x0 = at::vec::clamp(x0, lo, hi);
+    const Vec eps = at::vec::fmadd(b1, g, a1 * xv);
+    Vec result = at::vec::fmadd(p0, x0, at::vec::fmadd(p1, eps, p2 * xv));
+    if (f.noisy) result = at::vec::fmadd(sigma, Vec::loadu(noise + i, n), result);
+    result.store(out + i, n);
+    if (f.write_x0) x0.store(x0_out + i, n);
+  }
+}
+
+// Scalar form of the same update, with std::fma so every element rounds as the vector body does (fma is exact).
+template <typename T, typename C>
+C10_ALWAYS_INLINE void step_element(const T* x, const T* cond, const T* uncond, const T* noise, T* out, T* x0_out,
+                                    int64_t i, const StepCoefficients<C>& k, C s, C clip, bool guided, bool clipped,
+                                    bool noisy, bool write_x0) {
+  const C xv = x[i];
+  C g = cond[i];
+  if (guided) g = std::fma(s, g - C(uncond[i]), C(uncond[i]));
+  C x0 = std::fma(k.b0, g, k.a0 * xv);
+  if (clipped) x0 = std::min(std::max(x0, -clip), clip);
+  const C eps = std::fma(k.b1, g, k.a1 * xv);
+  C result = std::fma(k.p0, x0, std::fma(k.p1, eps, k.p2 * xv));
+  if (noisy) result = std::fma(k.sigma, C(noise[i]), result);
+  out[i] = T(result);
+  if (write_x0) x0_out[i] = T(x0);
+}
+
+// float16/bfloat16: computed in float, element by element (CPU sampling in reduced precision is rare).
+template <typename T>
+void step_range_reduced(const T* x, const T* cond, const T* uncond, const T* noise, T* out, T* x0_out,
+                        int64_t begin, int64_t end, const StepCoefficients<float>& k, float s, float clip,
+                        const StepFlags& f) {
+  for (int64_t i = begin; i < end; ++i) {
+    step_element(x, cond, uncond, noise, out, x0_out, i, k, s, clip, f.guided, f.clip, f.noisy, f.write_x0);
+  }
+}
+
+// float32 on AVX2+FMA CPUs: the portable build's at::vec is SSE-width, so this loop is compiled for AVX2
+// (auto-vectorised; flags are template parameters so the loop body has no branches) and chosen at run time.
+template <bool kGuided, bool kClip, bool kNoisy, bool kX0>
+__attribute__((target("avx2,fma"))) void step_range_avx2(const float* __restrict__ x, const float* __restrict__ cond,
+                                                         const float* __restrict__ uncond,
+                                                         const float* __restrict__ noise, float* __restrict__ out,
+                                                         float* __restrict__ x0_out, int64_t begin, int64_t end,
+                                                         StepCoefficients<float> k, float s, float clip) {
+  for (int64_t i = begin; i < end; ++i) {
+    step_element(x, cond, uncond, noise, out, x0_out, i, k, s, clip, kGuided, kClip, kNoisy, kX0);
+  }
+}
+
+using Avx2Range = void (*)(const float*, const float*, const float*, const float*, float*, float*, int64_t, int64_t,
+                           StepCoefficients<float>, float, float);
+
+template <bool... kFlags>
+constexpr Avx2Range avx2_entry() {
+  return &step_range_avx2<kFlags...>;
+}
+
+Avx2Range select_avx2(const StepFlags& f) {
+  static constexpr Avx2Range table[16] = {
+      avx2_entry<false, false, false, false>(), avx2_entry<false, false, false, true>(),
+      avx2_entry<false, false, true, false>(),  avx2_entry<false, false, true, true>(),
+      avx2_entry<false, true, false, false>(),  avx2_entry<false, true, false, true>(),
+      avx2_entry<false, true, true, false>(),   avx2_entry<false, true, true, true>(),
+      avx2_entry<true, false, false, false>(),  avx2_entry<true, false, false, true>(),
+      avx2_entry<true, false, true, false>(),   avx2_entry<true, false, true, true>(),
+      avx2_entry<true, true, false, false>(),   avx2_entry<true, true, false, true>(),
+      avx2_entry<true, true, true, false>(),    avx2_entry<true, true, true, true>()};
+  return table[f.guided * 8 + f.clip * 4 + f.noisy * 2 + f.write_x0];
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+template <typename scalar_t>
+void run_step(const at::Tensor& x, const at::Tensor& cond, const at::Tensor& uncond, const at::Tensor& z,
+              at::Tensor& out, at::Tensor& x0, const std::vector<SamplerCoefficients>& coefficients, double scale,
+              double clip, const StepFlags& flags) {
+  using compute_t = at::opmath_type<scalar_t>;
+  const int64_t batch = x.size(0), row = x.numel() / batch;
+  std::vector<StepCoefficients<compute_t>> k(batch);
+  for (int64_t b = 0; b < batch; ++b) k[b] = cast_coefficients<compute_t>(coefficients[b]);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* cp = cond.data_ptr<scalar_t>();
+  const scalar_t* up = flags.guided ? uncond.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* zp = flags.noisy ? z.data_ptr<scalar_t>() : nullptr;
+  scalar_t* op = out.data_ptr<scalar_t>();
+  scalar_t* x0p = flags.write_x0 ? x0.data_ptr<scalar_t>() : nullptr;
+  const compute_t s = compute_t(scale), c = compute_t(clip);
+  at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end;) {
+      const int64_t b = i / row, stop = std::min(end, (b + 1) * row);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (cpu_has_avx2()) {
+          select_avx2(flags)(xp, cp, up, zp, op, x0p, i, stop, k[b], s, c);
+        } else {
+          step_range<float>(xp, cp, up, zp, op, x0p, i, stop, k[b], s, c, flags);
+        }
+      } else if constexpr (std::is_same_v<scalar_t, compute_t>) {
+        step_range<scalar_t>(xp, cp, up, zp, op, x0p, i, stop, k[b], s, c, flags);
+      } else {
+        step_range_reduced<scalar_t>(xp, cp, up, zp, op, x0p, i, stop, k[b], s, c, flags);
+      }
+      i = stop;
+    }
+  });
+}
+
+void check_like(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
+  if (!t.has_value()) return;
+  BIASFAST_CHECK_ARG(t->sizes() == x.sizes(), name, "shape ", t->sizes(), " does not match x_t's ", x.sizes());
+  BIASFAST_CHECK_ARG(t->scalar_type() == x.scalar_type(), name, "dtype ", t->scalar_type(), " does not match x_t's ",
+                     x.scalar_type());
+  BIASFAST_CHECK_ARG(t->device() == x.device(), name, "device ", t->device(), " does not match x_t's ", x.device());
+}
+
+std::vector<SamplerCoefficients> per_sample_coefficients(const at::Tensor& t, const at::Tensor& t_prev,
+                                                         const at::Tensor& alphas_cumprod, Method method,
+                                                         Prediction prediction, double eta, int64_t batch) {
+  BIASFAST_CHECK_ARG(t.dim() == 1 && t.size(0) == batch, "t", "expected shape (", batch, "), got ", t.sizes());
+  BIASFAST_CHECK_ARG(t_prev.dim() == 1 && t_prev.size(0) == batch, "t_prev", "expected shape (", batch, "), got ",
+                     t_prev.sizes());
+  BIASFAST_CHECK_ARG(alphas_cumprod.dim() == 1, "alphas_cumprod", "expected a 1-D table");
+  const at::Tensor ti = t.to(at::kLong), tpi = t_prev.to(at::kLong);
+  const at::Tensor table = alphas_cumprod.to(at::kDouble).contiguous();
+  const int64_t steps = table.size(0);
+  const auto tv = ti.accessor<int64_t, 1>();
+  const auto tpv = tpi.accessor<int64_t, 1>();
+  const double* alpha = table.data_ptr<double>();
+  std::vector<SamplerCoefficients> out(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t now = tv[b], prev = tpv[b];
+    BIASFAST_CHECK_ARG(0 <= now && now < steps, "t", "value ", now, " at index ", b, " is outside [0, ", steps, ")");
+    BIASFAST_CHECK_ARG(-1 <= prev && prev < now, "t_prev", "value ", prev, " at index ", b,
+                       " must satisfy -1 <= t_prev < t = ", now);
+    out[b] = sampler_coefficients(alpha[now], prev >= 0 ? alpha[prev] : 1.0, now > 0, method, prediction, eta);
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output,
+                                                    const std::optional<at::Tensor>& uncond_output,
+                                                    const std::optional<at::Tensor>& noise, const at::Tensor& t,
+                                                    const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
+                                                    std::string_view method, std::string_view prediction, double eta,
+                                                    std::optional<double> guidance_scale,
+                                                    std::optional<double> clip_sample, bool return_x0) {
+  BIASFAST_CHECK_ARG(at::isFloatingType(x_t.scalar_type()), "x_t", "expected a floating dtype, got ",
+                     x_t.scalar_type());
+  BIASFAST_CHECK_ARG(x_t.dim() >= 1, "x_t", "expected a batch dimension");
+  check_like(model_output, x_t, "model_output");
+  check_like(uncond_output, x_t, "uncond_output");
+  check_like(noise, x_t, "noise");
+  const Method m = parse_method(method);
+  const Prediction p = parse_prediction(prediction);
+  BIASFAST_CHECK_ARG(guidance_scale.has_value() == uncond_output.has_value(), "uncond_output",
+                     guidance_scale.has_value() ? "guidance_scale is set but uncond_output is missing"
+                                                : "given without guidance_scale");
+  BIASFAST_CHECK_ARG(0.0 <= eta && eta <= 1.0, "eta", "expected a value in [0, 1], got ", eta);
+  BIASFAST_CHECK_ARG(noise.has_value() || (m == Method::DDIM && eta == 0.0), "noise",
+                     "required when method is 'ddpm' or eta > 0");
+  BIASFAST_CHECK_ARG(!clip_sample.has_value() || *clip_sample > 0, "clip_sample", "expected a positive bound, got ",
+                     clip_sample.value_or(0));
+
+  const int64_t batch = x_t.size(0);
+  const auto coefficients = per_sample_coefficients(t, t_prev, alphas_cumprod, m, p, eta, batch);
+  const at::Tensor x = x_t.contiguous(), cond = model_output.contiguous();
+  const at::Tensor uncond = uncond_output.has_value() ? uncond_output->contiguous() : at::Tensor();
+  const at::Tensor z = noise.has_value() ? noise->contiguous() : at::Tensor();
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor x0 = return_x0 ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
+  if (x.numel() == 0) return {out, x0};
+  const StepFlags flags{uncond.defined(), clip_sample.has_value(), z.defined(), return_x0};
+  const double scale = guidance_scale.value_or(1.0), clip = clip_sample.value_or(0.0);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_cpu", [&] {
+    run_step<scalar_t>(x, cond, uncond, z, out, x0, coefficients, scale, clip, flags);
+  });
+  return {out, x0};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(biasfast, CPU, m) {
+  m.impl("sampler_step", &sampler_step_cpu);
+}
+
+}  // namespace biasfast

@@ -1,0 +1,129 @@
+"""Fused DDPM/DDIM/CFG sampler step as a Triton kernel (`biasfast::sampler_step_triton`).
+
+Same schema and update as the C++ op `biasfast::sampler_step` (csrc/cpu/sampler_step.cpp): each program owns
+a block of one sample, gathers ᾱ_t, ᾱ_{t'} from the device table with that sample's timesteps, computes
+the coefficients in float64 and streams x_t, model outputs and noise once. No host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import custom_op, triton_op, wrap_triton
+
+from . import interpreted
+
+METHODS = {"ddpm": 0, "ddim": 1}
+PREDICTIONS = {"epsilon": 0, "sample": 1, "v_prediction": 2}
+BLOCK = 1024
+
+
+@triton.jit
+def _load(ptr, offsets, mask, DOUBLE: tl.constexpr):
+    value = tl.load(ptr + offsets, mask=mask, other=0.0)
+    if DOUBLE:
+        value = value.to(tl.float64)
+    else:
+        value = value.to(tl.float32)
+    return value
+
+
+@triton.jit
+def _sampler_step_kernel(x_ptr, cond_ptr, uncond_ptr, noise_ptr, out_ptr, x0_ptr, t_ptr, t_prev_ptr, t_stride,
+                         t_prev_stride, table_ptr, row, eta, scale, clip, DDIM: tl.constexpr,
+                         PREDICTION: tl.constexpr, GUIDED: tl.constexpr, CLIP: tl.constexpr, NOISY: tl.constexpr,
+                         WRITE_X0: tl.constexpr, DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
+    sample = tl.program_id(0)
+    now = tl.load(t_ptr + sample * t_stride)
+    prev = tl.load(t_prev_ptr + sample * t_prev_stride)
+    alpha = tl.load(table_ptr + now).to(tl.float64)
+    alpha_prev = tl.where(prev >= 0, tl.load(table_ptr + tl.maximum(prev, 0)).to(tl.float64), 1.0)
+    beta_bar = 1.0 - alpha
+    beta_bar_prev = 1.0 - alpha_prev
+    root_alpha = tl.sqrt(alpha)
+    root_beta_bar = tl.sqrt(beta_bar)
+    zero = alpha * 0.0
+    # x̂0 = a0·x + b0·g, ε̂ = a1·x + b1·g (see csrc/sampler_coefficients.h)
+    if PREDICTION == 0:
+        a0, b0, a1, b1 = 1.0 / root_alpha, -root_beta_bar / root_alpha, zero, zero + 1.0
+    elif PREDICTION == 1:
+        a0, b0, a1, b1 = zero, zero + 1.0, 1.0 / root_beta_bar, -root_alpha / root_beta_bar
+    else:
+        a0, b0, a1, b1 = root_alpha, -root_beta_bar, root_beta_bar, root_alpha
+    # x_{t'} = p0·x̂0 + p1·ε̂ + p2·x + σ·z
+    if DDIM:
+        sigma = eta * tl.sqrt((beta_bar_prev / beta_bar) * (1.0 - alpha / alpha_prev))
+        p0, p1, p2 = tl.sqrt(alpha_prev), tl.sqrt(tl.maximum(1.0 - alpha_prev - sigma * sigma, 0.0)), zero
+    else:
+        step_alpha = alpha / alpha_prev
+        step_beta = 1.0 - step_alpha
+        p0, p1, p2 = tl.sqrt(alpha_prev) * step_beta / beta_bar, zero, tl.sqrt(step_alpha) * beta_bar_prev / beta_bar
+        sigma = tl.where(now > 0, tl.sqrt(tl.maximum(beta_bar_prev / beta_bar * step_beta, 1e-20)), 0.0)
+
+    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < row
+    offsets = sample.to(tl.int64) * row + offsets
+    x = _load(x_ptr, offsets, mask, DOUBLE)
+    g = _load(cond_ptr, offsets, mask, DOUBLE)
+    if GUIDED:
+        u = _load(uncond_ptr, offsets, mask, DOUBLE)
+        g = u + scale * (g - u)  # scalars stay weakly typed: x's precision
+    x0 = tl.fma(b0.to(x.dtype), g, a0.to(x.dtype) * x)
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+    eps = tl.fma(b1.to(x.dtype), g, a1.to(x.dtype) * x)
+    result = tl.fma(p0.to(x.dtype), x0, tl.fma(p1.to(x.dtype), eps, p2.to(x.dtype) * x))
+    if NOISY:
+        result = tl.fma(sigma.to(x.dtype), _load(noise_ptr, offsets, mask, DOUBLE), result)
+    tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_X0:
+        tl.store(x0_ptr + offsets, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+def sampler_step_triton(x_t: torch.Tensor, model_output: torch.Tensor, uncond_output: torch.Tensor | None,
+                        noise: torch.Tensor | None, t: torch.Tensor, t_prev: torch.Tensor,
+                        alphas_cumprod: torch.Tensor, method: str, prediction: str, eta: float,
+                        guidance_scale: float | None, clip_sample: float | None,
+                        return_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if method not in METHODS:
+        raise ValueError(f"method: unknown {method!r}; expected one of {tuple(METHODS)}")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction: unknown {prediction!r}; expected one of {tuple(PREDICTIONS)}")
+    if (guidance_scale is None) != (uncond_output is None):
+        raise ValueError("uncond_output: give it together with guidance_scale")
+    if noise is None and (method == "ddpm" or eta > 0):
+        raise ValueError("noise: required when method is 'ddpm' or eta > 0")
+    x = x_t.contiguous()
+    out = torch.empty_like(x)
+    x0 = torch.empty_like(x) if return_x0 else x.new_empty((0,))
+    batch = x.shape[0]
+    row = x.numel() // batch if batch else 0
+    if x.numel() == 0 or (interpreted() and is_fake(x)):
+        return out, x0  # nothing to do; the interpreter cannot run on fake tensors (tracing needs shapes only)
+    cond = model_output.contiguous()
+    uncond = cond if uncond_output is None else uncond_output.contiguous()
+    z = x if noise is None else noise.contiguous()
+    grid = (batch, triton.cdiv(row, BLOCK))
+    wrap_triton(_sampler_step_kernel)[grid](
+        x, cond, uncond, z, out, x0 if return_x0 else out, t, t_prev, t.stride(0), t_prev.stride(0),
+        alphas_cumprod, row, float(eta), float(guidance_scale or 1.0), float(clip_sample or 0.0),
+        DDIM=METHODS[method] == 1, PREDICTION=PREDICTIONS[prediction], GUIDED=uncond_output is not None,
+        CLIP=clip_sample is not None, NOISY=noise is not None, WRITE_X0=return_x0,
+        DOUBLE=x.dtype == torch.float64, BLOCK=BLOCK)
+    return out, x0
+
+
+def _register(fn):
+    """A triton_op (visible to torch.compile, which can fuse around it); under the interpreter an opaque
+    custom_op instead, because AOT tracing would decompose the op and drop the interpreted kernel launch."""
+    name = "biasfast::sampler_step_triton"
+    if not interpreted():
+        return triton_op(name, mutates_args=())(fn)
+    op = custom_op(name, fn, mutates_args=())
+    op.register_fake(fn)
+    return op
+
+
+sampler_step_triton = _register(sampler_step_triton)

@@ -115,8 +115,6 @@ def register_snr_loss() -> None:
 
 if _extension.available():
     register_snr_loss()
-
-
 # ---- sampling (issue 6): fused DDPM/DDIM/CFG step; sampling is inference-only, so no autograd ----
 
 def _sampler_step_fake(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,

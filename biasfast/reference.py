@@ -32,8 +32,6 @@ def snr_weighted_loss(
     if reduction == "none":
         return weighted
     return weighted.sum() if reduction == "sum" else weighted.mean()
-
-
 # ---- sampling (issue 6) ----
 
 def sampler_step(

@@ -59,8 +59,6 @@ TORCH_LIBRARY(biasfast, m) {
   // and, when compute_grad, d loss / d pred (same shape and dtype as pred; backward only rescales it).
   m.def("snr_loss(Tensor pred, Tensor target, Tensor timesteps, Tensor weights, str reduction, bool compute_grad) "
         "-> (Tensor loss, Tensor mse, Tensor grad)");
-
-
   // ---- sampling (issue 6: fused DDPM/DDIM/CFG step) ----
   // One fused step x_t -> (x_{t'}, x̂0) with per-sample t, t_prev (-1 = final step) gathered from alphas_cumprod;
   // uncond_output with guidance_scale fuses CFG; x̂0 is empty unless return_x0.

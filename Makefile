@@ -12,8 +12,13 @@ $(VENV)/.installed: requirements-ci.txt
 
 setup: $(VENV)/.installed  ## virtual environment with pinned requirements
 
-build: setup  ## compile biasfast._C and install biasfast in editable mode
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+$(VENV)/.built: $(VENV)/.installed $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+build: $(VENV)/.built  ## compile biasfast._C and install biasfast in editable mode (again only when sources change)
 
 run: build  ## the main job on the embedded default data
 	$(VENV)/bin/biasfast run

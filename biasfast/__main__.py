@@ -1,9 +1,37 @@
-"""Command line: `biasfast <command>` or `python -m biasfast <command>`."""
+"""Command line: `biasfast <command>` or `python -m biasfast <command>`.
+
+  info         the build report
+  run          the main job: train on two disjoint halves, track the bias score over training
+  bias-score   a BiasReport from sample and training arrays on disk
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
+
+# `run` options that belong to the run's configuration (RunConfig field, flag); defaults live in RunConfig.
+RUN_OPTIONS = {
+    "data": ("--data", str, "a .npy/.npz array or a folder of PNGs (default: the embedded 8×8 digits)"),
+    "image_size": ("--image-size", int, "resize images to this square size"),
+    "channels": ("--channels", int, "1 (grey) or 3 (RGB)"),
+    "n_train": ("--n-train", int, "images in each training set A and B"),
+    "n_test": ("--n-test", int, "held-out test images"),
+    "model": ("--model", str, "unet or mlp"),
+    "width": ("--width", int, "U-Net base channels or MLP hidden width"),
+    "steps": ("--steps", int, "training steps per model"),
+    "batch_size": ("--batch-size", int, "training batch size"),
+    "lr": ("--lr", float, "AdamW learning rate"),
+    "ema_decay": ("--ema", float, "EMA decay of the evaluated weights (default: no EMA)"),
+    "checkpoints": ("--checkpoints", int, "number of log-spaced checkpoints"),
+    "n_samples": ("--samples", int, "coupled samples per model and checkpoint"),
+    "sample_steps": ("--sample-steps", int, "DDIM steps when sampling"),
+    "seed": ("--seed", int, "seed of the split, the initial weights, the training noise and the samples"),
+    "threads": ("--threads", int, "torch intra-op threads (results are bit-reproducible for a fixed count)"),
+}
 
 from biasfast.debias.cli import add_parser as add_debias_parser
 
@@ -15,26 +43,157 @@ def _info(args: argparse.Namespace) -> int:
     return 0 if biasfast._extension.available() else 1
 
 
+def _explicit_options(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in RUN_OPTIONS if getattr(args, name) is not None}
+
+
+def _run_one(config, out: str, args: argparse.Namespace, resume: bool) -> dict:
+    from biasfast.experiment import CONFIG_FILE, Experiment, prepare_output, summary_table, write_json_atomic
+
+    experiment = Experiment(config, out, device=args.device, progress=not args.no_progress)  # validates first
+    prepare_output(out, resume=resume, overwrite=args.overwrite)
+    if not resume:
+        write_json_atomic(config.to_dict(), os.path.join(out, CONFIG_FILE))
+    started = time.perf_counter()
+    result = experiment.run()
+    print(f"\n== {config.weighting} weighting: {out}")
+    print(summary_table(result))
+    print(f"report: {os.path.join(out, 'report.json')}, curves: {os.path.join(out, 'curves.png')}, "
+          f"wall time {time.perf_counter() - started:.1f} s")
+    return result
+
+
 def _run(args: argparse.Namespace) -> int:
-    print(
-        "biasfast run: the main job (disjoint-split training with bias tracking on the embedded digits) is not "
-        "implemented yet; it lands with the main-job issue. Showing the build instead:\n"
-    )
-    return _info(args)
+    from biasfast.experiment import CONFIG_FILE, QUICK, RunConfig, check_resume_config
+
+    given = _explicit_options(args)
+    if args.weighting is not None:
+        given["weighting"] = args.weighting
+    if args.resume is not None:
+        if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
+            raise ValueError(f"out: --resume continues the run in {args.resume!r}; do not also pass --out")
+        config_path = os.path.join(args.resume, CONFIG_FILE)
+        if not os.path.isfile(config_path):
+            raise ValueError(f"resume: {args.resume!r} holds no biasfast run ({CONFIG_FILE} missing)")
+        with open(config_path) as f:
+            stored = json.load(f)
+        check_resume_config(stored, {**(QUICK if args.quick else {}), **given})
+        _run_one(RunConfig.from_dict(stored), args.resume, args, resume=True)
+        return 0
+    weightings = (given.pop("weighting", None) or RunConfig.weighting).split(",")
+    base = {**(QUICK if args.quick else {}), **given}
+    out = args.out or os.path.join("runs", time.strftime("run-%Y%m%d-%H%M%S"))
+    if len(weightings) == 1:
+        _run_one(RunConfig(**base, weighting=weightings[0]), out, args, resume=False)
+        return 0
+    configs = [RunConfig(**base, weighting=w) for w in weightings]
+    runs = {c.weighting: os.path.join(out, c.weighting) for c in configs}
+    results = {c.weighting: _run_one(c, runs[c.weighting], args, resume=False) for c in configs}
+    _print_comparison(results, runs, configs[0])
+    return 0
+
+
+def _print_comparison(results: dict, runs: dict, config) -> None:
+    from biasfast.data import load_images, split_disjoint
+    from biasfast.experiment import compare_weightings, write_json_atomic
+
+    source = load_images(config.data, image_size=config.image_size, channels=config.channels)
+    test = split_disjoint(source, config.n_train, config.n_test, seed=config.seed).test
+    table = compare_weightings(results, runs, test)
+    out = os.path.dirname(next(iter(runs.values())))
+    write_json_atomic(table, os.path.join(out, "comparison.json"))
+    print(f"\n== weightings at equal iterations (sliced Wasserstein distance to the test set, pixel space)")
+    print(f"{'weighting':>12} {'step':>6} {'SWD (A, B mean)':>16} {'± half-range':>12} {'test loss':>10} {'score':>7}")
+    for name, row in table.items():
+        print(f"{name:>12} {row['step']:>6} {row['swd_mean']:>16.4f} {row['swd_spread']:>12.4f} "
+              f"{row['test_loss']:>10.4f} {row['bias_score']:>7.3f}")
+
+
+def _load_array(path: str, name: str):
+    """A tensor from .npy/.npz (single array, or key 'samples'/'images'), .pt (tensor) or a PNG folder."""
+    import numpy as np
+    import torch
+
+    from biasfast.data import load_images
+
+    if os.path.isdir(path):
+        return load_images(path).images
+    if not os.path.isfile(path):
+        raise ValueError(f"{name}: {path!r} does not exist")
+    if path.endswith(".pt"):
+        value = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(value, dict) and len(value) == 1:
+            value = next(iter(value.values()))
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name}: {path!r} holds {type(value).__name__}, expected one tensor")
+        return value.float()
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{name}: cannot read {path!r}: {exc}") from exc
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            keys = list(loaded.keys())
+            key = next((k for k in ("samples", "images") if k in keys), keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise ValueError(f"{name}: {path!r} holds arrays {keys}; name the one to use 'samples' or 'images'")
+            loaded = loaded[key]
+    return torch.from_numpy(np.asarray(loaded, dtype=np.float32))
+
+
+def _bias_score(args: argparse.Namespace) -> int:
+    import biasfast
+
+    arrays = {name: _load_array(getattr(args, name), "--" + name.replace("_", "-"))
+              for name in ("samples_a", "samples_b", "train_a", "train_b")}
+    test = _load_array(args.test, "--test") if args.test else None
+    report = biasfast.bias_score(arrays["samples_a"], arrays["samples_b"], arrays["train_a"], arrays["train_b"],
+                                 metric=args.metric, test=test)
+    print(report.summary())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_dict(), f, indent=1)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="biasfast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="biasfast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="show the build and which implementation each op uses").set_defaults(func=_info)
-    commands.add_parser("run", help="the main job on the embedded default data").set_defaults(func=_run)
+
+    run = commands.add_parser("run", help="disjoint-split training with bias tracking (default: embedded digits)")
+    for name, (flag, kind, text) in RUN_OPTIONS.items():
+        run.add_argument(flag, dest=name, type=kind, default=None, help=text)
+    run.add_argument("--weighting", default=None,
+                     help="loss weighting (constant, debias, min_snr, ...); a comma list trains one run per weighting")
+    run.add_argument("--out", default=None, help="output directory (default: runs/run-<time>)")
+    run.add_argument("--device", default="cpu", help="cpu or cuda")
+    run.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    run.add_argument("--quick", action="store_true", help="a small configuration that finishes in seconds (tests)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(func=_run)
+
+    score = commands.add_parser("bias-score", help="a BiasReport from arrays on disk (.npy, .npz, .pt, PNG folder)")
+    for name in ("samples-a", "samples-b", "train-a", "train-b"):
+        score.add_argument("--" + name, required=True)
+    score.add_argument("--test", default=None, help="fresh test images (adds the NN divergence)")
+    score.add_argument("--metric", default="pearson")
+    score.add_argument("--json", default=None, help="also write the report as JSON here")
+    score.set_defaults(func=_bias_score)
     add_debias_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileExistsError, ImportError) as exc:
+        print(f"biasfast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

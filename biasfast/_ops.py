@@ -75,8 +75,10 @@ def snr_loss_setup_context(ctx, inputs, output) -> None:
 
 
 def _is_one(grad_loss: torch.Tensor) -> bool:
-    # Checking the value syncs a GPU and cannot be traced, so only eager CPU skips the multiply.
-    return grad_loss.device.type == "cpu" and not torch.compiler.is_compiling() and bool(grad_loss == 1)
+    # Checking the value syncs a GPU and cannot be traced (compile, AOT tracing use Tensor subclasses),
+    # so only eager CPU skips the multiply.
+    eager = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
+    return eager and grad_loss.device.type == "cpu" and bool(grad_loss == 1)
 
 
 def _scaled_gradient(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -125,9 +127,56 @@ def _sampler_step_fake(x_t, model_output, uncond_output, noise, t, t_prev, alpha
     return x_prev, x0
 
 
+def _sampler_step_out_fake(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction,
+                           eta, guidance_scale, clip_sample, out, x0_out):
+    torch._check(out.shape == x_t.shape, lambda: "sampler_step_out: out must have x_t's shape")
+
+
 def register_sampling() -> None:
     torch.library.register_fake("biasfast::sampler_step")(_sampler_step_fake)
+    torch.library.register_fake("biasfast::sampler_step_out")(_sampler_step_out_fake)
 
 
 if _extension.available():
     register_sampling()
+# ---- exact k-nearest neighbours (issue 3) ----
+
+
+def _knn_fake(query, ref, k, metric, index_offset, exclude_self, workspace_mb):
+    torch._check(query.dim() == 2 and ref.dim() == 2, lambda: "knn: query and ref must be 2-D")
+    torch._check(query.shape[1] == ref.shape[1], lambda: "knn: feature sizes of query and ref differ")
+    dtype = torch.float64 if torch.float64 in (query.dtype, ref.dtype) else torch.float32
+    return query.new_empty((query.shape[0], k), dtype=dtype), query.new_empty((query.shape[0], k), dtype=torch.int64)
+
+
+def _knn_hamming_fake(query, ref, k, index_offset, exclude_self):
+    torch._check(query.dim() == 2 and ref.dim() == 2, lambda: "knn_hamming: query and ref must be 2-D")
+    torch._check(query.shape[1] == ref.shape[1], lambda: "knn_hamming: sequence lengths of query and ref differ")
+    rows = query.shape[0]
+    return query.new_empty((rows, k), dtype=torch.float32), query.new_empty((rows, k), dtype=torch.int64)
+
+
+def register_knn() -> None:
+    torch.library.register_fake("biasfast::knn")(_knn_fake)
+    torch.library.register_fake("biasfast::knn_hamming")(_knn_hamming_fake)
+
+
+if _extension.available():
+    register_knn()
+
+
+# ---- memorization metrics (issue: bias_score) ----
+
+
+def _row_hash_fake(rows: torch.Tensor) -> torch.Tensor:
+    torch._check(rows.dim() == 2, lambda: "row_hash: rows must be 2-D")
+    return rows.new_empty((rows.shape[0],), dtype=torch.int64)
+
+
+def register_row_hash() -> None:
+    # An integer hash has no gradient; no autograd formula is registered.
+    torch.library.register_fake("biasfast::row_hash")(_row_hash_fake)
+
+
+if _extension.available():
+    register_row_hash()

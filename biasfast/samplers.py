@@ -134,7 +134,8 @@ def sample_coupled(
                 t_batch = torch.full((len(indices),), t, dtype=torch.int64, device=device)
                 for m, model in enumerate(models):
                     cond, uncond = _predict(model, xs[m], t_batch, batch_labels, guidance_scale, null_label)
-                    xs[m] = step(xs[m], cond, t_batch, t_prev, schedule, uncond_output=uncond, noise=noise, **config)
+                    step(xs[m], cond, t_batch, t_prev, schedule, uncond_output=uncond, noise=noise, out=xs[m],
+                         **config)
                 bar.update(1)
             for m in range(len(models)):
                 outputs[m].append(xs[m])

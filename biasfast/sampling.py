@@ -31,6 +31,7 @@ def step(
     noise: torch.Tensor | None = None,
     clip_sample: float | None = None,
     return_x0: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x_t → x_{t_prev}, as diffusers' `DDPMScheduler.step` (fixed_small variance) / `DDIMScheduler.step`.
 
@@ -39,7 +40,9 @@ def step(
     "sample" or "v_prediction". Guidance: `model_output` is the conditional output and the model output used is
     uncond + guidance_scale·(cond − uncond) (diffusers' convention; Ho & Salimans' (1 + w)·ε_c − w·ε_u is
     guidance_scale = 1 + w). `noise` (like x_t) is required for "ddpm" and for eta > 0. `clip_sample` clamps
-    x̂0 to ±clip_sample. Returns x_prev, or (x_prev, x̂0) with `return_x0`.
+    x̂0 to ±clip_sample. `out`: a contiguous tensor like x_t to write x_prev into, x_t itself for an in-place
+    step (saves the allocation, which for large batches costs as much as the step). Returns x_prev, or
+    (x_prev, x̂0) with `return_x0`.
     """
     _check_arguments(x_t, model_output, uncond_output, noise, method, prediction, eta, guidance_scale, clip_sample)
     if not isinstance(schedule, NoiseSchedule):
@@ -49,22 +52,36 @@ def step(
     t_prev = _timestep_tensor(t_prev, "t_prev", batch, x_t.device, steps)
     _check_order(t, t_prev, steps)
     table = schedule.table(x_t.device, torch.float64)
-    x_prev, x0 = _op_for(x_t.device)(x_t, model_output, uncond_output, noise, t, t_prev, table, method, prediction,
-                                     float(eta), _optional_float(guidance_scale), _optional_float(clip_sample),
-                                     return_x0)
+    args = (x_t, model_output, uncond_output, noise, t, t_prev, table, method, prediction, float(eta),
+            _optional_float(guidance_scale), _optional_float(clip_sample))
+    if out is None:
+        x_prev, x0 = _op_for(x_t.device, "sampler_step")(*args, return_x0)
+    else:
+        _check_out(out, x_t)
+        x_prev, x0 = out, (torch.empty_like(out) if return_x0 else out.new_empty((0,)))
+        _op_for(x_t.device, "sampler_step_out")(*args, x_prev, x0)
     return (x_prev, x0) if return_x0 else x_prev
 
 
-def _op_for(device: torch.device):
+def _op_for(device: torch.device, name: str):
     """The C++ kernel on the CPU, the Triton kernel on CUDA; never a silent fallback to the reference."""
     if device.type == "cpu":
         _extension.require()
-        return torch.ops.biasfast.sampler_step
+        return getattr(torch.ops.biasfast, name)
     if device.type == "cuda":
-        if "sampler_step_triton" not in kernels.TRITON_OPS:
+        if f"{name}_triton" not in kernels.TRITON_OPS:
             raise RuntimeError("x_t: the CUDA sampler step needs Triton (pip install triton); it is not available")
-        return torch.ops.biasfast.sampler_step_triton
+        return getattr(torch.ops.biasfast, f"{name}_triton")
     raise ValueError(f"x_t: unsupported device {device}; expected cpu or cuda")
+
+
+def _check_out(out: torch.Tensor, x_t: torch.Tensor) -> None:
+    check_tensor(out, "out")
+    if out.shape != x_t.shape or out.dtype != x_t.dtype or out.device != x_t.device:
+        raise ValueError(f"out: expected shape {tuple(x_t.shape)}, {x_t.dtype} on {x_t.device}, got "
+                         f"{tuple(out.shape)}, {out.dtype} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError("out: expected a contiguous tensor")
 
 
 def _optional_float(value: float | None) -> float | None:

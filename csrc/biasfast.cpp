@@ -66,4 +66,22 @@ TORCH_LIBRARY(biasfast, m) {
       "sampler_step(Tensor x_t, Tensor model_output, Tensor? uncond_output, Tensor? noise, Tensor t, Tensor t_prev, "
       "Tensor alphas_cumprod, str method, str prediction, float eta, float? guidance_scale, float? clip_sample, "
       "bool return_x0) -> (Tensor, Tensor)");
+  // The same step written into preallocated out (may be x_t itself: in place) and x0_out (empty: not written).
+  m.def(
+      "sampler_step_out(Tensor x_t, Tensor model_output, Tensor? uncond_output, Tensor? noise, Tensor t, "
+      "Tensor t_prev, Tensor alphas_cumprod, str method, str prediction, float eta, float? guidance_scale, "
+      "float? clip_sample, Tensor(a!) out, Tensor(b!) x0_out) -> ()");
+  // ---- exact k-nearest neighbours (issue 3) ----
+  // k smallest distances from each query row to the reference rows, exact (re-ranked, certified); indices are
+  // index_offset + row in ref, ties broken by the lower index; rows with fewer than k eligible references are
+  // padded with (inf, -1). metric: l2, sqeuclidean, cosine, pearson.
+  m.def("knn(Tensor query, Tensor ref, int k, str metric, int index_offset, bool exclude_self, int workspace_mb)"
+        " -> (Tensor, Tensor)");
+  // Same for integer token rows under the hamming distance (number of differing positions, as float32).
+  m.def("knn_hamming(Tensor query, Tensor ref, int k, int index_offset, bool exclude_self) -> (Tensor, Tensor)");
+
+  // ---- memorization metrics (issue: bias_score) ----
+  // 64-bit hash of each row of a 2-D tensor of any dtype (-0.0 == 0.0): rows (n, d) -> int64 (n,).
+  // Equal rows hash equally; bias_score uses it to find rows shared by two training sets.
+  m.def("row_hash(Tensor rows) -> Tensor");
 }

@@ -29,6 +29,6 @@ def enabled() -> bool:
 
 if enabled():
     from biasfast.kernels import snr_loss  # noqa: F401,E402  (registers biasfast::snr_loss_triton)
-    from . import sampler_step  # noqa: F401,E402  (registers biasfast::sampler_step_triton)
+    from . import sampler_step  # noqa: F401,E402  (registers biasfast::sampler_step[_out]_triton)
 
-    TRITON_OPS.append("sampler_step_triton")
+    TRITON_OPS.extend(["sampler_step_triton", "sampler_step_out_triton"])

@@ -82,11 +82,8 @@ def _sampler_step_kernel(x_ptr, cond_ptr, uncond_ptr, noise_ptr, out_ptr, x0_ptr
         tl.store(x0_ptr + offsets, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-def sampler_step_triton(x_t: torch.Tensor, model_output: torch.Tensor, uncond_output: torch.Tensor | None,
-                        noise: torch.Tensor | None, t: torch.Tensor, t_prev: torch.Tensor,
-                        alphas_cumprod: torch.Tensor, method: str, prediction: str, eta: float,
-                        guidance_scale: float | None, clip_sample: float | None,
-                        return_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_options(method: str, prediction: str, eta: float, guidance_scale: float | None,
+                   uncond_output: torch.Tensor | None, noise: torch.Tensor | None) -> None:
     if method not in METHODS:
         raise ValueError(f"method: unknown {method!r}; expected one of {tuple(METHODS)}")
     if prediction not in PREDICTIONS:
@@ -95,35 +92,60 @@ def sampler_step_triton(x_t: torch.Tensor, model_output: torch.Tensor, uncond_ou
         raise ValueError("uncond_output: give it together with guidance_scale")
     if noise is None and (method == "ddpm" or eta > 0):
         raise ValueError("noise: required when method is 'ddpm' or eta > 0")
+
+
+def _launch(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
+            guidance_scale, clip_sample, out, x0_out) -> None:
+    """Write x_{t'} into `out` (contiguous; may be x_t itself) and x̂0 into `x0_out` unless it is empty."""
+    _check_options(method, prediction, eta, guidance_scale, uncond_output, noise)
     x = x_t.contiguous()
-    out = torch.empty_like(x)
-    x0 = torch.empty_like(x) if return_x0 else x.new_empty((0,))
-    batch = x.shape[0]
-    row = x.numel() // batch if batch else 0
     if x.numel() == 0 or (interpreted() and is_fake(x)):
-        return out, x0  # nothing to do; the interpreter cannot run on fake tensors (tracing needs shapes only)
+        return  # nothing to do; the interpreter cannot run on fake tensors (tracing needs shapes only)
+    batch = x.shape[0]
+    row = x.numel() // batch
     cond = model_output.contiguous()
     uncond = cond if uncond_output is None else uncond_output.contiguous()
     z = x if noise is None else noise.contiguous()
+    write_x0 = x0_out.numel() > 0
     grid = (batch, triton.cdiv(row, BLOCK))
     wrap_triton(_sampler_step_kernel)[grid](
-        x, cond, uncond, z, out, x0 if return_x0 else out, t, t_prev, t.stride(0), t_prev.stride(0),
+        x, cond, uncond, z, out, x0_out if write_x0 else out, t, t_prev, t.stride(0), t_prev.stride(0),
         alphas_cumprod, row, float(eta), float(guidance_scale or 1.0), float(clip_sample or 0.0),
         DDIM=METHODS[method] == 1, PREDICTION=PREDICTIONS[prediction], GUIDED=uncond_output is not None,
-        CLIP=clip_sample is not None, NOISY=noise is not None, WRITE_X0=return_x0,
+        CLIP=clip_sample is not None, NOISY=noise is not None, WRITE_X0=write_x0,
         DOUBLE=x.dtype == torch.float64, BLOCK=BLOCK)
+
+
+def sampler_step_triton(x_t: torch.Tensor, model_output: torch.Tensor, uncond_output: torch.Tensor | None,
+                        noise: torch.Tensor | None, t: torch.Tensor, t_prev: torch.Tensor,
+                        alphas_cumprod: torch.Tensor, method: str, prediction: str, eta: float,
+                        guidance_scale: float | None, clip_sample: float | None,
+                        return_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty_like(x_t, memory_format=torch.contiguous_format)
+    x0 = torch.empty_like(out) if return_x0 else x_t.new_empty((0,))
+    _launch(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
+            guidance_scale, clip_sample, out, x0)
     return out, x0
 
 
-def _register(fn):
+def sampler_step_out_triton(x_t: torch.Tensor, model_output: torch.Tensor, uncond_output: torch.Tensor | None,
+                            noise: torch.Tensor | None, t: torch.Tensor, t_prev: torch.Tensor,
+                            alphas_cumprod: torch.Tensor, method: str, prediction: str, eta: float,
+                            guidance_scale: float | None, clip_sample: float | None, out: torch.Tensor,
+                            x0_out: torch.Tensor) -> None:
+    _launch(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
+            guidance_scale, clip_sample, out, x0_out)
+
+
+def _register(name: str, fn, mutates_args: tuple[str, ...] = ()):
     """A triton_op (visible to torch.compile, which can fuse around it); under the interpreter an opaque
     custom_op instead, because AOT tracing would decompose the op and drop the interpreted kernel launch."""
-    name = "biasfast::sampler_step_triton"
     if not interpreted():
-        return triton_op(name, mutates_args=())(fn)
-    op = custom_op(name, fn, mutates_args=())
+        return triton_op(name, mutates_args=mutates_args)(fn)
+    op = custom_op(name, fn, mutates_args=mutates_args)
     op.register_fake(fn)
     return op
 
 
-sampler_step_triton = _register(sampler_step_triton)
+sampler_step_triton = _register("biasfast::sampler_step_triton", sampler_step_triton)
+sampler_step_out_triton = _register("biasfast::sampler_step_out_triton", sampler_step_out_triton, ("out", "x0_out"))

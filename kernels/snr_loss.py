@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.library import triton_op, wrap_triton
 
 from biasfast import _ops
+from biasfast.kernels import interpreted
 
 BLOCK = 1024
 MAX_BLOCKS_PER_CHUNK = 16
@@ -43,6 +45,15 @@ def _snr_loss_kernel(pred_ptr, target_ptr, grad_ptr, partial_ptr, timesteps_ptr,
     tl.store(partial_ptr + sample * chunks_per_sample + part, tl.sum(acc, axis=0))
 
 
+def _interpreting_fake(t: torch.Tensor) -> bool:
+    """The interpreter runs kernels on host storage, so it cannot take fake or traced tensors (a GPU can)."""
+    if not interpreted() or type(t) is torch.Tensor:
+        return False
+    if isinstance(t, FakeTensor):
+        return True  # shape propagation only: the outputs' metadata is all that is needed
+    raise RuntimeError("biasfast::snr_loss_triton: torch.compile cannot trace Triton kernels under TRITON_INTERPRET=1")
+
+
 @triton_op("biasfast::snr_loss_triton", mutates_args=())
 def snr_loss_triton(
     pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, weights: torch.Tensor,
@@ -62,17 +73,15 @@ def snr_loss_triton(
     partial = torch.empty((batch, chunks_per_sample), dtype=acc_dtype, device=pred.device)
     grad = torch.empty_like(p) if compute_grad else p.new_empty((0,))
     scale = 1.0 / batch if reduction == "mean" else 1.0
-    wrap_triton(_snr_loss_kernel)[(batch, chunks_per_sample)](
-        p, q, grad if compute_grad else p, partial, timesteps, weights,
-        n, num_weights, chunk, chunks_per_sample, 2.0 * scale / n,
-        HAS_GRAD=compute_grad, ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32, BLOCK=BLOCK,
-    )
+    if not _interpreting_fake(p):
+        wrap_triton(_snr_loss_kernel)[(batch, chunks_per_sample)](
+            p, q, grad if compute_grad else p, partial, timesteps, weights,
+            n, num_weights, chunk, chunks_per_sample, 2.0 * scale / n,
+            HAS_GRAD=compute_grad, ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32, BLOCK=BLOCK,
+        )
     mse = partial.sum(dim=1) / n
     weighted = weights.to(acc_dtype)[timesteps] * mse
-    if reduction == "none":
-        loss = weighted
-    else:
-        loss = weighted.sum() * scale
+    loss = weighted if reduction == "none" else weighted.sum() * scale
     return loss, mse, grad
 
 

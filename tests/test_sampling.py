@@ -102,6 +102,33 @@ def test_final_step_returns_x0_for_ddim():
     torch.testing.assert_close(out, x0, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_out_variant_in_place_equals_functional(implementation):
+    x, cond, uncond, noise, t, t_prev = _inputs()
+    table = SCHEDULE.table("cpu", torch.float64)
+    suffix = "_triton" if implementation == "triton" else ""
+    functional = getattr(torch.ops.biasfast, "sampler_step" + suffix)
+    into = getattr(torch.ops.biasfast, "sampler_step_out" + suffix)
+    args = ("ddim", "v_prediction", 1.0, 2.0, 1.0)
+    expected, expected_x0 = functional(x, cond, uncond, noise, t, t_prev, table, *args, True)
+    x0 = torch.empty_like(x)
+    into(x, cond, uncond, noise, t, t_prev, table, *args, x, x0)  # in place: out is x_t
+    assert torch.equal(x, expected) and torch.equal(x0, expected_x0)
+
+
+def test_step_out_argument():
+    x, cond, uncond, noise, t, t_prev = _inputs()
+    expected = step(x, cond, t, t_prev, SCHEDULE, eta=1.0, noise=noise)
+    out = torch.empty_like(x)
+    assert step(x, cond, t, t_prev, SCHEDULE, eta=1.0, noise=noise, out=out) is out
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="out: expected a contiguous"):
+        step(x, cond, t, t_prev, SCHEDULE, out=torch.empty(SHAPE[::-1]).permute(3, 2, 1, 0))
+    with pytest.raises(ValueError, match="'out': partially overlaps"):
+        flat = torch.cat([x.flatten(), x.flatten()[:9]])
+        step(flat[:x.numel()].view(SHAPE), cond, t, t_prev, SCHEDULE, out=flat[9:].view(SHAPE))
+
+
 def test_non_contiguous_inputs():
     x, cond, uncond, noise, t, t_prev = _inputs(shape=(6, 9, 7, 3))
     xs, cs, us, zs = (v.permute(0, 3, 2, 1) for v in (x, cond, uncond, noise))
@@ -199,10 +226,12 @@ def test_diffusers_ddpm_full_loop_golden_numbers(prediction, total, mean):
 @pytest.mark.parametrize("method,prediction,scale", [("ddim", "epsilon", 2.0), ("ddpm", "v_prediction", None)])
 def test_opcheck(implementation, method, prediction, scale):
     x, cond, uncond, noise, t, t_prev = _inputs(shape=(3, 2, 5), guided=scale is not None)
-    op = {"cpp": torch.ops.biasfast.sampler_step, "triton": getattr(torch.ops.biasfast, "sampler_step_triton", None)}
-    torch.library.opcheck(op[implementation].default, (x, cond, uncond, noise, t, t_prev,
-                                                        SCHEDULE.table("cpu", torch.float64), method, prediction,
-                                                        0.0, scale, 1.0, True))
+    suffix = "_triton" if implementation == "triton" else ""
+    args = (x, cond, uncond, noise, t, t_prev, SCHEDULE.table("cpu", torch.float64), method, prediction, 0.0, scale,
+            1.0)
+    torch.library.opcheck(getattr(torch.ops.biasfast, "sampler_step" + suffix).default, (*args, True))
+    out, x0 = torch.empty_like(x), torch.empty_like(x)
+    torch.library.opcheck(getattr(torch.ops.biasfast, "sampler_step_out" + suffix).default, (*args, out, x0))
 
 
 def test_torch_compile_fullgraph():

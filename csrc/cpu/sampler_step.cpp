@@ -8,6 +8,7 @@
 //   out = p0·x̂0 + p1·ε̂ + p2·x + σ·z
 // following diffusers' DDPMScheduler.step (fixed_small variance) and DDIMScheduler.step.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -96,11 +97,11 @@ void step_range_reduced(const T* x, const T* cond, const T* uncond, const T* noi
 // float32 on AVX2+FMA CPUs: the portable build's at::vec is SSE-width, so this loop is compiled for AVX2
 // (auto-vectorised; flags are template parameters so the loop body has no branches) and chosen at run time.
 template <bool kGuided, bool kClip, bool kNoisy, bool kX0>
-__attribute__((target("avx2,fma"))) void step_range_avx2(const float* __restrict__ x, const float* __restrict__ cond,
-                                                         const float* __restrict__ uncond,
-                                                         const float* __restrict__ noise, float* __restrict__ out,
-                                                         float* __restrict__ x0_out, int64_t begin, int64_t end,
-                                                         StepCoefficients<float> k, float s, float clip) {
+__attribute__((target("avx2,fma"))) void step_range_avx2(const float* x, const float* cond, const float* uncond,
+                                                         const float* noise, float* out, float* x0_out, int64_t begin,
+                                                         int64_t end, StepCoefficients<float> k, float s, float clip) {
+  // Outputs may alias x_t exactly (in place), never partially: no loop-carried dependence either way.
+#pragma GCC ivdep
   for (int64_t i = begin; i < end; ++i) {
     step_element(x, cond, uncond, noise, out, x0_out, i, k, s, clip, kGuided, kClip, kNoisy, kX0);
   }
@@ -168,6 +169,7 @@ void run_step(const at::Tensor& x, const at::Tensor& cond, const at::Tensor& unc
 
 void check_like(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
   if (!t.has_value()) return;
+  BIASFAST_CHECK_ARG(t->defined(), name, "undefined tensor");
   BIASFAST_CHECK_ARG(t->sizes() == x.sizes(), name, "shape ", t->sizes(), " does not match x_t's ", x.sizes());
   BIASFAST_CHECK_ARG(t->scalar_type() == x.scalar_type(), name, "dtype ", t->scalar_type(), " does not match x_t's ",
                      x.scalar_type());
@@ -198,19 +200,31 @@ std::vector<SamplerCoefficients> per_sample_coefficients(const at::Tensor& t, co
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output,
-                                                    const std::optional<at::Tensor>& uncond_output,
-                                                    const std::optional<at::Tensor>& noise, const at::Tensor& t,
-                                                    const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
-                                                    std::string_view method, std::string_view prediction, double eta,
-                                                    std::optional<double> guidance_scale,
-                                                    std::optional<double> clip_sample, bool return_x0) {
+// Writes x_{t'} into `out` and, when `x0` is non-empty, x̂0 into `x0`. Either may be x_t itself (in place): each
+// element is read before it is written at the same index, and the loops carry no other dependence.
+void sampler_step_into(const at::Tensor& x_t, const at::Tensor& model_output,
+                       const std::optional<at::Tensor>& uncond_output, const std::optional<at::Tensor>& noise,
+                       const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
+                       std::string_view method, std::string_view prediction, double eta,
+                       std::optional<double> guidance_scale, std::optional<double> clip_sample, at::Tensor& out,
+                       at::Tensor& x0) {
   BIASFAST_CHECK_ARG(at::isFloatingType(x_t.scalar_type()), "x_t", "expected a floating dtype, got ",
                      x_t.scalar_type());
   BIASFAST_CHECK_ARG(x_t.dim() >= 1, "x_t", "expected a batch dimension");
   check_like(model_output, x_t, "model_output");
   check_like(uncond_output, x_t, "uncond_output");
   check_like(noise, x_t, "noise");
+  const bool write_x0 = x0.numel() > 0;
+  const auto check_output = [&](const at::Tensor& target, const char* name) {
+    check_like(target, x_t, name);
+    BIASFAST_CHECK_ARG(target.is_contiguous(), name, "expected a contiguous tensor");
+    for (const at::Tensor* input : {&x_t, &model_output}) {
+      BIASFAST_CHECK_ARG(at::get_overlap_status(target, *input) != at::MemOverlapStatus::Partial, name,
+                         "partially overlaps an input; pass a separate tensor or the input itself");
+    }
+  };
+  check_output(out, "out");
+  if (write_x0) check_output(x0, "x0_out");
   const Method m = parse_method(method);
   const Prediction p = parse_prediction(prediction);
   BIASFAST_CHECK_ARG(guidance_scale.has_value() == uncond_output.has_value(), "uncond_output",
@@ -224,25 +238,46 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x_t, const
 
   const int64_t batch = x_t.size(0);
   const auto coefficients = per_sample_coefficients(t, t_prev, alphas_cumprod, m, p, eta, batch);
+  if (x_t.numel() == 0) return;
   const at::Tensor x = x_t.contiguous(), cond = model_output.contiguous();
   const at::Tensor uncond = uncond_output.has_value() ? uncond_output->contiguous() : at::Tensor();
   const at::Tensor z = noise.has_value() ? noise->contiguous() : at::Tensor();
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor x0 = return_x0 ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
-  if (x.numel() == 0) return {out, x0};
-  const StepFlags flags{uncond.defined(), clip_sample.has_value(), z.defined(), return_x0};
+  const StepFlags flags{uncond.defined(), clip_sample.has_value(), z.defined(), write_x0};
   const double scale = guidance_scale.value_or(1.0), clip = clip_sample.value_or(0.0);
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_cpu", [&] {
     run_step<scalar_t>(x, cond, uncond, z, out, x0, coefficients, scale, clip, flags);
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output,
+                                                    const std::optional<at::Tensor>& uncond_output,
+                                                    const std::optional<at::Tensor>& noise, const at::Tensor& t,
+                                                    const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
+                                                    std::string_view method, std::string_view prediction, double eta,
+                                                    std::optional<double> guidance_scale,
+                                                    std::optional<double> clip_sample, bool return_x0) {
+  at::Tensor out = at::empty_like(x_t, at::MemoryFormat::Contiguous);
+  at::Tensor x0 = return_x0 ? at::empty_like(out) : at::empty({0}, x_t.options());
+  sampler_step_into(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
+                    guidance_scale, clip_sample, out, x0);
   return {out, x0};
+}
+
+void sampler_step_out_cpu(const at::Tensor& x_t, const at::Tensor& model_output,
+                          const std::optional<at::Tensor>& uncond_output, const std::optional<at::Tensor>& noise,
+                          const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
+                          std::string_view method, std::string_view prediction, double eta,
+                          std::optional<double> guidance_scale, std::optional<double> clip_sample, at::Tensor out,
+                          at::Tensor x0_out) {
+  sampler_step_into(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
+                    guidance_scale, clip_sample, out, x0_out);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(biasfast, CPU, m) {
   m.impl("sampler_step", &sampler_step_cpu);
+  m.impl("sampler_step_out", &sampler_step_out_cpu);
 }
 
 }  // namespace biasfast

@@ -1,0 +1,115 @@
+"""The streaming searches behind `bias_score`: each training chunk is read once and searched for every
+sample at once with `biasfast.knn`; only the running (samples × k) nearest distances are kept.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Union
+
+import numpy as np
+import torch
+
+import biasfast
+from biasfast._validation import check_finite
+from biasfast.rowhash import row_hash
+
+ArrayLike = Union[torch.Tensor, np.ndarray]
+TrainingSet = Union[ArrayLike, Iterable[ArrayLike]]
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+
+def as_rows(value: object, name: str, device: torch.device | None = None) -> torch.Tensor:
+    """A tensor or array as a 2-D (rows, features) tensor, flattening any leading image shape."""
+    if isinstance(value, np.ndarray):
+        with warnings.catch_warnings():  # read-only arrays (np.memmap mode "r") are only ever read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(value).__name__}")
+    if value.dim() < 1:
+        raise ValueError(f"{name}: expected rows (n, ...), got a scalar")
+    rows = value.reshape(value.shape[0], math.prod(value.shape[1:]))
+    return rows if device is None else rows.to(device)
+
+
+def searchable(rows: torch.Tensor, metric: str, name: str) -> torch.Tensor:
+    """Integer tokens for hamming; any floating dtype (integer images as float32) otherwise."""
+    if metric == "hamming":
+        if rows.is_floating_point() or rows.is_complex():
+            raise TypeError(f"{name}: metric 'hamming' needs integer token tensors, got dtype {rows.dtype}")
+        return rows
+    if rows.is_complex():
+        raise TypeError(f"{name}: complex tensors are not supported")
+    return rows if rows.is_floating_point() else rows.float()
+
+
+def chunks(train: TrainingSet, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(label for messages, 2-D rows) for a tensor, an array or an iterable of either."""
+    if isinstance(train, (torch.Tensor, np.ndarray)):
+        yield name, as_rows(train, name)
+        return
+    if isinstance(train, (str, bytes)) or not isinstance(train, Iterable):
+        raise TypeError(f"{name}: expected a tensor, an array or an iterable of chunks, got {type(train).__name__}")
+    for i, chunk in enumerate(train):
+        label = f"{name} (chunk {i})"
+        yield label, as_rows(chunk, label)
+
+
+# ---- streaming nearest distances ----------------------------------------------------------------
+
+
+def keep_smallest(running: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """The running.shape[1] smallest distances per row of `running` and `new` (float64)."""
+    k = running.shape[1]
+    return torch.cat([running, new.to(running)], dim=1).sort(dim=1).values[:, :k]
+
+
+@dataclass
+class NearestDistances:
+    """What one pass over a training set yields."""
+
+    metric: torch.Tensor  # (queries, 1 or 2) nearest distances under the chosen metric
+    gap: torch.Tensor  # (own samples, 2) nearest and second-nearest distances for the gap ratio
+    hashes: torch.Tensor  # row hashes of the training set (for the overlap check)
+    rows: int
+
+
+class SearchPlan:
+    """Which searches a metric needs: the gap ratio uses Euclidean distances (Hamming for tokens)."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+        self.shared = metric in ("l2", "sqeuclidean", "hamming")  # one k=2 search serves both
+        self.metric_k = 2 if self.shared else 1
+
+    def gap_distances(self, metric_distances: torch.Tensor) -> torch.Tensor:
+        return metric_distances.sqrt() if self.metric == "sqeuclidean" else metric_distances
+
+
+def nearest(train: TrainingSet, name: str, queries: torch.Tensor, own: slice, plan: SearchPlan, features: int) -> NearestDistances:
+    """One pass over a training set (or a rank's shard of it; +inf distances while it has no rows)."""
+    metric_best = queries.new_full((queries.shape[0], plan.metric_k), math.inf, dtype=torch.float64)
+    gap_best = queries.new_full((own.stop - own.start, 2), math.inf, dtype=torch.float64)
+    hashes, rows = [torch.empty(0, dtype=torch.int64, device=queries.device)], 0
+    for label, chunk in chunks(train, name):
+        if chunk.shape[0] == 0:
+            continue
+        if chunk.shape[1] != features:
+            raise ValueError(f"{label}: feature size {chunk.shape[1]} does not match the samples' {features}")
+        chunk = searchable(chunk.to(queries.device), plan.metric, label).to(queries.dtype)
+        if chunk.is_floating_point():
+            check_finite(chunk, label)
+        hashes.append(row_hash(chunk))
+        found, _ = biasfast.knn(queries, chunk, k=min(plan.metric_k, chunk.shape[0]), metric=plan.metric)
+        metric_best = keep_smallest(metric_best, found)
+        if not plan.shared:
+            found, _ = biasfast.knn(queries[own], chunk, k=min(2, chunk.shape[0]), metric="l2")
+            gap_best = keep_smallest(gap_best, found)
+        rows += chunk.shape[0]
+    gap = plan.gap_distances(metric_best[own]) if plan.shared else gap_best
+    return NearestDistances(metric_best, gap, torch.cat(hashes), rows)

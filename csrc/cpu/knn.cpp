@@ -1,0 +1,344 @@
+// Exact k-nearest neighbours on the CPU.
+//
+// Candidates come from tiled inner products (‖y'‖² − 2·x'·y' on transformed float32 rows, never an nq × nr
+// matrix), kept in a running top-(k + margin) heap per query. They are then re-ranked with direct differences
+// accumulated in float64 on the original inputs, and each query's answer is *certified*: the worst candidate's
+// approximate distance, minus a rigorous bound on the inner-product rounding error, must exceed the k-th exact
+// distance. Queries that fail (genuine near-ties at the rounding scale) are searched again by brute force with
+// exact differences, so results always equal a float64 brute force up to ties.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/knn_common.h"
+#include "cpu/knn_gemm.h"
+
+namespace biasfast {
+namespace {
+
+// Per-row affine transform of a metric: row' = (row − shift_row − center) · scale_row, in float64.
+// The exact distances divide by the norm (correctly rounded, so parallel rows normalise identically).
+struct RowTransform {
+  double shift = 0.0;
+  double norm = 1.0;
+  double scale = 1.0;  // 1 / norm, for the approximate candidates
+};
+
+template <typename ref_t>
+struct StridedRows {
+  const ref_t* data;
+  int64_t rows, d, s0, s1;
+
+  void read(int64_t row, double* out) const {
+    const ref_t* p = data + row * s0;
+    if (s1 == 1) {
+      for (int64_t t = 0; t < d; ++t) out[t] = static_cast<double>(p[t]);
+    } else {
+      for (int64_t t = 0; t < d; ++t) out[t] = static_cast<double>(p[t * s1]);
+    }
+  }
+};
+
+// Shift/scale of one row for the metric; throws (naming the tensor and global row) where undefined.
+RowTransform row_transform(const double* row, int64_t d, Metric metric, const char* name, int64_t global_row) {
+  RowTransform tr;
+  if (metric == Metric::SqEuclidean || metric == Metric::L2) return tr;
+  if (metric == Metric::Pearson) {
+    double sum = 0;
+    for (int64_t t = 0; t < d; ++t) sum += row[t];
+    tr.shift = sum / static_cast<double>(d);
+  }
+  double ss = 0;
+  for (int64_t t = 0; t < d; ++t) {
+    const double v = row[t] - tr.shift;
+    ss += v * v;
+  }
+  BIASFAST_CHECK_ARG(ss > 0, name, "row ", global_row,
+                     metric == Metric::Pearson ? " is constant: its pearson distance is undefined"
+                                               : " has zero norm: its cosine distance is undefined");
+  tr.norm = std::sqrt(ss);
+  tr.scale = 1.0 / tr.norm;
+  return tr;
+}
+
+int64_t first_non_finite_row(const double* rows, int64_t n, int64_t d) {
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t t = 0; t < d; ++t) {
+      if (!std::isfinite(rows[i * d + t])) return i;
+    }
+  }
+  return -1;
+}
+
+// Exact distance (in transformed squared-L2 units) between two rows given in float64.
+inline double exact_distance(const double* x, const RowTransform& tx, const double* y, const RowTransform& ty,
+                             int64_t d) {
+  double acc = 0;
+  if (tx.shift == 0.0 && ty.shift == 0.0 && tx.norm == 1.0 && ty.norm == 1.0) {
+    for (int64_t t = 0; t < d; ++t) {
+      const double diff = x[t] - y[t];
+      acc += diff * diff;
+    }
+    return acc;
+  }
+  for (int64_t t = 0; t < d; ++t) {
+    const double diff = (x[t] - tx.shift) / tx.norm - (y[t] - ty.shift) / ty.norm;
+    acc += diff * diff;
+  }
+  return acc;
+}
+
+template <typename scalar_t, typename ref_t>
+class ExactSearch {
+ public:
+  ExactSearch(const at::Tensor& query, const at::Tensor& ref, int64_t k, Metric metric, int64_t offset,
+              bool exclude_self, int64_t workspace_bytes)
+      : nq_(query.size(0)), d_(query.size(1)), k_(k), metric_(metric), offset_(offset), exclude_self_(exclude_self),
+        workspace_bytes_(workspace_bytes),
+        ref_{ref.data_ptr<ref_t>(), ref.size(0), ref.size(1), ref.stride(0), ref.stride(1)} {
+    query_ = query.to(at::kDouble).contiguous();  // originals, exact in float64
+    candidates_ = std::min<int64_t>(k_ + std::max<int64_t>(8, k_ / 4), ref_.rows);
+  }
+
+  std::tuple<at::Tensor, at::Tensor> run() {
+    prepare_queries();
+    scan();
+    auto failed = rerank_and_certify();
+    brute_force(failed);
+    return finish();
+  }
+
+ private:
+  const double* qrow(int64_t i) const { return query_.data_ptr<double>() + i * d_; }
+  int64_t self_index(int64_t i) const { return exclude_self_ ? i : -1; }
+
+  void prepare_queries() {
+    const double* q = query_.data_ptr<double>();
+    const int64_t bad = first_non_finite_row(q, nq_, d_);
+    BIASFAST_CHECK_ARG(bad < 0, "query", "contains NaN or Inf (first bad row ", bad, ")");
+    center_.assign(d_, 0.0);
+    if (metric_ == Metric::SqEuclidean || metric_ == Metric::L2) {
+      // Centering by the query mean removes a common offset before the inner products (no cancellation).
+      for (int64_t i = 0; i < nq_; ++i)
+        for (int64_t t = 0; t < d_; ++t) center_[t] += q[i * d_ + t];
+      for (auto& c : center_) c /= static_cast<double>(nq_);
+    }
+    qtr_.resize(nq_);
+    qpacked_ = at::empty({nq_, d_}, at::CppTypeToScalarType<scalar_t>::value);
+    qnorm_.resize(nq_);
+    scalar_t* out = qpacked_.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < nq_; ++i) {
+      qtr_[i] = row_transform(q + i * d_, d_, metric_, "query", i);
+      double norm = 0;
+      for (int64_t t = 0; t < d_; ++t) {
+        const scalar_t v = static_cast<scalar_t>((q[i * d_ + t] - qtr_[i].shift - center_[t]) * qtr_[i].scale);
+        out[i * d_ + t] = v;
+        norm += static_cast<double>(v) * static_cast<double>(v);
+      }
+      qnorm_[i] = norm;
+    }
+    heaps_.assign(nq_ * candidates_, Entry<scalar_t>{});
+    heap_sizes_.assign(nq_, 0);
+  }
+
+  // Pack one reference tile: transform to scalar_t, norms, NaN/Inf check (first bad row is global).
+  void pack_ref_tile(int64_t j0, int64_t rows, scalar_t* packed, scalar_t* norms, double* max_norm) {
+    std::vector<int64_t> bad_rows(at::get_num_threads() + 1, std::numeric_limits<int64_t>::max());
+    std::vector<double> max_norms(at::get_num_threads() + 1, 0.0);
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      std::vector<double> row(d_);
+      const int tid = at::get_thread_num();
+      for (int64_t r = begin; r < end; ++r) {
+        ref_.read(j0 + r, row.data());
+        if (first_non_finite_row(row.data(), 1, d_) >= 0) {
+          bad_rows[tid] = std::min(bad_rows[tid], j0 + r);
+          continue;
+        }
+        const RowTransform tr = row_transform(row.data(), d_, metric_, "ref", j0 + r + offset_);
+        double norm = 0;
+        for (int64_t t = 0; t < d_; ++t) {
+          const scalar_t v = static_cast<scalar_t>((row[t] - tr.shift - center_[t]) * tr.scale);
+          packed[r * d_ + t] = v;
+          norm += static_cast<double>(v) * static_cast<double>(v);
+        }
+        norms[r] = static_cast<scalar_t>(norm);
+        max_norms[tid] = std::max(max_norms[tid], norm);
+      }
+    });
+    const int64_t bad = *std::min_element(bad_rows.begin(), bad_rows.end());
+    BIASFAST_CHECK_ARG(bad == std::numeric_limits<int64_t>::max(), "ref", "contains NaN or Inf (first bad row ",
+                       bad + offset_, ")");
+    for (double m : max_norms) *max_norm = std::max(*max_norm, m);
+  }
+
+  void scan() {
+    const TilePlan plan = plan_tiles(nq_, ref_.rows, d_, sizeof(scalar_t), workspace_bytes_);
+    at::Tensor workspace = at::empty({plan.workspace_elements}, at::CppTypeToScalarType<scalar_t>::value);
+    scalar_t* packed = workspace.data_ptr<scalar_t>();
+    scalar_t* norms = packed + plan.ref_tile * d_;
+    scalar_t* ip = norms + plan.ref_tile;
+    double max_sq = 0;
+    for (int64_t j0 = 0; j0 < ref_.rows; j0 += plan.ref_tile) {
+      const int64_t nr = std::min(plan.ref_tile, ref_.rows - j0);
+      pack_ref_tile(j0, nr, packed, norms, &max_sq);
+      for (int64_t i0 = 0; i0 < nq_; i0 += plan.query_tile) {
+        const int64_t nq = std::min(plan.query_tile, nq_ - i0);
+        inner_products(qpacked_.data_ptr<scalar_t>() + i0 * d_, packed, ip, nq, nr, d_);
+        at::parallel_for(0, nq, 16, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const int64_t qi = i0 + i;
+            HeapView<scalar_t> heap{heaps_.data() + qi * candidates_, candidates_, &heap_sizes_[qi]};
+            select_row(heap, ip + i * nr, norms, nr, j0 + offset_, self_index(qi));
+          }
+        });
+      }
+    }
+    max_ref_norm_ = std::sqrt(max_sq);
+  }
+
+  // Exact distances of the candidates, sorted; returns the queries whose answer could not be certified.
+  std::vector<int64_t> rerank_and_certify() {
+    dist_ = at::empty({nq_, k_}, at::kDouble);
+    index_ = at::empty({nq_, k_}, at::kLong);
+    std::vector<char> failed(nq_, 0);
+    const double u = std::numeric_limits<scalar_t>::epsilon() / 2;
+    const double n = static_cast<double>(d_ + 8);
+    const double gamma = 1.01 * (n * u / (1 - n * u) + 8 * u);
+    at::parallel_for(0, nq_, 8, [&](int64_t begin, int64_t end) {
+      std::vector<double> row(d_);
+      std::vector<std::pair<double, int64_t>> exact;
+      for (int64_t i = begin; i < end; ++i) {
+        const Entry<scalar_t>* heap = heaps_.data() + i * candidates_;
+        const int64_t size = heap_sizes_[i];
+        exact.clear();
+        for (int64_t c = 0; c < size; ++c) {
+          const int64_t j = heap[c].index - offset_;
+          ref_.read(j, row.data());
+          const RowTransform tr = row_transform(row.data(), d_, metric_, "ref", heap[c].index);
+          exact.emplace_back(exact_distance(qrow(i), qtr_[i], row.data(), tr, d_), heap[c].index);
+        }
+        std::sort(exact.begin(), exact.end());
+        write_row(i, exact);
+        // Certified when every eligible reference was a candidate, or no non-candidate can beat the k-th.
+        const bool all_seen = size >= ref_.rows - (exclude_self_ && in_range(i) ? 1 : 0);
+        if (!all_seen) {
+          const double worst = qnorm_[i] + static_cast<double>(heap[0].value);
+          const double bound = gamma * std::pow(std::sqrt(qnorm_[i]) + max_ref_norm_, 2);
+          if (!(worst - bound > exact[k_ - 1].first)) failed[i] = 1;
+        }
+      }
+    });
+    std::vector<int64_t> list;
+    for (int64_t i = 0; i < nq_; ++i)
+      if (failed[i]) list.push_back(i);
+    failed_queries_ = static_cast<int64_t>(list.size());
+    return list;
+  }
+
+  bool in_range(int64_t i) const { return i >= offset_ && i < offset_ + ref_.rows; }
+
+  void write_row(int64_t i, const std::vector<std::pair<double, int64_t>>& exact) {
+    double* dist = dist_.data_ptr<double>() + i * k_;
+    int64_t* index = index_.data_ptr<int64_t>() + i * k_;
+    for (int64_t c = 0; c < k_; ++c) {
+      const bool valid = c < static_cast<int64_t>(exact.size());
+      dist[c] = valid ? exact[c].first : std::numeric_limits<double>::infinity();
+      index[c] = valid ? exact[c].second : -1;
+    }
+  }
+
+  // Exact search over every reference for the queries that could not be certified.
+  void brute_force(const std::vector<int64_t>& queries) {
+    if (queries.empty()) return;
+    at::parallel_for(0, static_cast<int64_t>(queries.size()), 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> row(d_);
+      std::vector<std::pair<double, int64_t>> best;
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t i = queries[b];
+        best.clear();
+        for (int64_t j = 0; j < ref_.rows; ++j) {
+          const int64_t jg = j + offset_;
+          if (jg == self_index(i)) continue;
+          ref_.read(j, row.data());
+          const RowTransform tr = row_transform(row.data(), d_, metric_, "ref", jg);
+          const std::pair<double, int64_t> cand{exact_distance(qrow(i), qtr_[i], row.data(), tr, d_), jg};
+          if (static_cast<int64_t>(best.size()) < k_) {
+            best.push_back(cand);
+            std::push_heap(best.begin(), best.end());
+          } else if (cand < best.front()) {
+            std::pop_heap(best.begin(), best.end());
+            best.back() = cand;
+            std::push_heap(best.begin(), best.end());
+          }
+        }
+        std::sort_heap(best.begin(), best.end());
+        write_row(i, best);
+      }
+    });
+  }
+
+  std::tuple<at::Tensor, at::Tensor> finish() {
+    at::Tensor dist = dist_;
+    if (metric_ == Metric::L2) {
+      dist = dist.sqrt();
+    } else if (metric_ == Metric::Cosine || metric_ == Metric::Pearson) {
+      dist = dist * 0.5;  // 1 − cos(u, v) = ‖û − v̂‖² / 2
+    }
+    return {dist.to(at::CppTypeToScalarType<scalar_t>::value), index_};
+  }
+
+  int64_t nq_, d_, k_;
+  Metric metric_;
+  int64_t offset_;
+  bool exclude_self_;
+  int64_t workspace_bytes_;
+  StridedRows<ref_t> ref_;
+  int64_t candidates_ = 0, failed_queries_ = 0;
+  at::Tensor query_, qpacked_, dist_, index_;
+  std::vector<double> center_, qnorm_;
+  std::vector<RowTransform> qtr_;
+  std::vector<Entry<scalar_t>> heaps_;
+  std::vector<int64_t> heap_sizes_;
+  double max_ref_norm_ = 0;
+};
+
+std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Tensor& ref, int64_t k,
+                                           c10::string_view metric, int64_t index_offset, bool exclude_self,
+                                           int64_t workspace_mb) {
+  check_matrix(query, "query");
+  check_matrix(ref, "ref");
+  BIASFAST_CHECK_ARG(ref.size(1) == query.size(1), "ref", "feature size ", ref.size(1), " does not match query's ",
+                     query.size(1));
+  BIASFAST_CHECK_ARG(k >= 1, "k", "must be at least 1, got ", k);
+  BIASFAST_CHECK_ARG(query.size(0) > 0 && query.size(1) > 0, "query", "is empty (shape ", query.sizes(), ")");
+  BIASFAST_CHECK_ARG(ref.size(0) > 0, "ref", "is empty (shape ", ref.sizes(), ")");
+  BIASFAST_CHECK_ARG(workspace_mb >= 1, "workspace_mb", "must be at least 1, got ", workspace_mb);
+  const Metric m = parse_metric(std::string(metric));
+  const bool dbl = query.scalar_type() == at::kDouble || ref.scalar_type() == at::kDouble;
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ref.scalar_type(), "knn_cpu", [&] {
+    using ref_t = scalar_t;
+    if (dbl) {
+      out = ExactSearch<double, ref_t>(query, ref, k, m, index_offset, exclude_self, workspace_mb << 20).run();
+    } else {
+      out = ExactSearch<float, ref_t>(query, ref, k, m, index_offset, exclude_self, workspace_mb << 20).run();
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(biasfast, CPU, m) {
+  m.impl("knn", &knn_cpu);
+}
+
+}  // namespace biasfast

@@ -200,3 +200,28 @@ def test_method_names_and_bad_choices(small_data):
         gce_loss(torch.zeros(1, 2), torch.tensor([0]), q=0.0)
     with pytest.raises(ValueError, match="labels: values must lie"):
         BiasAmplifier().score(torch.zeros(2, 3, 8, 8), torch.tensor([0, 10]))
+
+
+# --- synthetic generator --------------------------------------------------------------------------------------
+
+
+def test_synthetic_config_rejects_bad_guidance_and_sizes():
+    from biasfast.debias.synthetic import SyntheticConfig
+
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="guidance_scale: must be > 0"):
+            SyntheticConfig(guidance_scale=bad)
+    with pytest.raises(ValueError, match="per_class"):
+        SyntheticConfig(per_class=0)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        SyntheticConfig().with_overrides(guidance_scale=-2.0)
+
+
+def test_diffusion_source_generates_labelled_images_in_unit_range(small_data):
+    from biasfast.debias.synthetic import DiffusionSource, SyntheticConfig
+
+    config = SyntheticConfig(per_class=3, train_steps=5, sampling_steps=3, progress=False)
+    images, labels = DiffusionSource(config, log=lambda s: None)(small_data, seed=0)
+    assert images.shape == (30, 3, 8, 8) and labels.tolist() == sorted(labels.tolist())
+    assert torch.bincount(labels).tolist() == [3] * 10
+    assert images.min() >= 0 and images.max() <= 1

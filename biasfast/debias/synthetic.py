@@ -24,10 +24,10 @@ class SyntheticConfig:
     guidance_scale: float = 5.0
     label_dropout: float = 0.1
     model: str = "mlp"
-    model_options: tuple[tuple[str, object], ...] = (("hidden", 512), ("depth", 3))
-    train_steps: int = 2000
+    model_options: tuple[tuple[str, object], ...] = (("hidden", 256), ("depth", 3))
+    train_steps: int = 3000
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 1e-3
     schedule: str = "linear"
     num_timesteps: int = 1000
     sampling_steps: int = 25
@@ -45,7 +45,7 @@ class SyntheticConfig:
 
     @classmethod
     def quick(cls) -> "SyntheticConfig":
-        return cls(per_class=100, train_steps=300, sampling_steps=10, model_options=(("hidden", 256), ("depth", 3)))
+        return cls(per_class=100, train_steps=600, sampling_steps=10)
 
     def with_overrides(self, **overrides) -> "SyntheticConfig":
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})

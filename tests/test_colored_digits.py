@@ -12,6 +12,7 @@ from biasfast.data.colored_digits import (
     colorize,
     grey_digits,
     make_bias_labels,
+    read_colour,
 )
 
 
@@ -107,3 +108,8 @@ def test_bad_input_messages():
         ColoredSplit(torch.full((2, 3, 8, 8), float("nan")), torch.zeros(2, dtype=torch.long))
     with pytest.raises(TypeError, match="ratio"):
         colored_digits("0.9")
+
+
+def test_read_colour_recovers_bias_labels():
+    d = colored_digits(0.95, seed=1, repeats=1)
+    assert torch.equal(read_colour(d.test.images), d.test.bias_labels)

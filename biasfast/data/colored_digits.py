@@ -157,6 +157,13 @@ def colorize(
     return rgb[:, :, None, None] * images.to(torch.float32)[:, None]
 
 
+def read_colour(images: torch.Tensor) -> torch.Tensor:
+    """Nearest palette colour (cosine of the summed RGB) of coloured images (n, 3, H, W): a diagnostic of how
+    bias-aligned generated images are."""
+    rgb = torch.nn.functional.normalize(images.sum((2, 3)), dim=1)
+    return (rgb @ torch.nn.functional.normalize(PALETTE, dim=1).T).argmax(1)
+
+
 def colored_digits(
     ratio: float = 0.99,
     *,

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from biasfast.data.colored_digits import ALIGNED_RATIOS, ColoredDigits, colored_digits
+from biasfast.data.colored_digits import ALIGNED_RATIOS, ColoredDigits, colored_digits, read_colour
 from biasfast.debias.amplifier import BiasAmplifier
 from biasfast.debias.classifier import TrainConfig
 from biasfast.debias.evaluation import METRICS, evaluate, mean_std
@@ -58,7 +58,8 @@ def method_name(recipe: int | None, baseline: str | None) -> str:
 
 
 def _amplifier(
-    data: ColoredDigits, source: str, seed: int, config: BenchmarkConfig, synthetic: SyntheticSource | None
+    data: ColoredDigits, source: str, seed: int, config: BenchmarkConfig, synthetic: SyntheticSource | None,
+    log: Callable[[str], None] | None = None,
 ) -> BiasAmplifier:
     """Fit a BA on the real training images ("real") or on synthetic ones, for as many optimiser steps as
     `config.amplifier.epochs` epochs of the real training set (a fair ablation whatever the synthetic size)."""
@@ -69,13 +70,21 @@ def _amplifier(
             raise ValueError("synthetic: DDB needs a synthetic-data source (a diffusion generator)")
         images, labels = synthetic(data, seed)
     epochs = max(1, round(config.amplifier.epochs * len(data.train) / labels.numel()))
-    return BiasAmplifier(in_channels=data.train.images.shape[1], width=config.width,
-                         config=replace(config.amplifier, epochs=epochs), seed=seed + 20_000).fit(images, labels)
+    amplifier = BiasAmplifier(in_channels=data.train.images.shape[1], width=config.width,
+                              config=replace(config.amplifier, epochs=epochs), seed=seed + 20_000).fit(images, labels)
+    if log is not None:  # diagnostics only: bias labels never reach training
+        flagged = amplifier.predict_conflicting(data.train.images, data.train.labels)
+        truth = ~data.train.aligned
+        log(f"  {source} BA: training images colour-aligned {(read_colour(images) == labels).float().mean():.3f}; "
+            f"flags {int(flagged.sum())} real samples, {int((flagged & truth).sum())} of {int(truth.sum())} "
+            "truly conflicting")
+    return amplifier
 
 
 def run_method(
     data: ColoredDigits, method: str, seed: int, config: BenchmarkConfig,
     synthetic: SyntheticSource | None = None, amplifiers: dict[str, BiasAmplifier] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Train one method on data.train (selecting on data.val) and evaluate on the unbiased test split.
 
@@ -93,7 +102,7 @@ def run_method(
         source = "real" if method.startswith("ddb-real") else "synthetic"
         amplifiers = {} if amplifiers is None else amplifiers
         if source not in amplifiers:
-            amplifiers[source] = _amplifier(data, source, seed, config, synthetic)
+            amplifiers[source] = _amplifier(data, source, seed, config, synthetic, log)
         if method.endswith("-1"):
             model = recipe_one(data.train, amplifiers[source], data.val, step_size=config.group_dro_step_size,
                                **common)
@@ -115,7 +124,7 @@ def run_benchmark(
             amplifiers: dict[str, BiasAmplifier] = {}
             for method in methods:
                 start = time.perf_counter()
-                metrics = run_method(data, method, seed, config, synthetic, amplifiers)
+                metrics = run_method(data, method, seed, config, synthetic, amplifiers, log)
                 results[ratio][method].append(metrics)
                 log(f"ratio {ratio} seed {seed} {method:10s} {time.perf_counter() - start:6.1f}s  "
                     + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))

@@ -21,11 +21,11 @@ class SyntheticConfig:
     """Generator settings. guidance_scale uses diffusers' convention s = 1 + w (Ho & Salimans' w)."""
 
     per_class: int = 1000
-    guidance_scale: float = 5.0
+    guidance_scale: float = 2.0
     label_dropout: float = 0.1
-    model: str = "mlp"
-    model_options: tuple[tuple[str, object], ...] = (("hidden", 256), ("depth", 3))
-    train_steps: int = 3000
+    model: str = "unet"
+    model_options: tuple[tuple[str, object], ...] = (("base_channels", 16),)
+    train_steps: int = 1000
     batch_size: int = 128
     lr: float = 1e-3
     schedule: str = "linear"
@@ -45,7 +45,7 @@ class SyntheticConfig:
 
     @classmethod
     def quick(cls) -> "SyntheticConfig":
-        return cls(per_class=100, train_steps=600, sampling_steps=10)
+        return cls(per_class=100, train_steps=400, sampling_steps=10)
 
     def with_overrides(self, **overrides) -> "SyntheticConfig":
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})

@@ -33,6 +33,8 @@ RUN_OPTIONS = {
     "threads": ("--threads", int, "torch intra-op threads (results are bit-reproducible for a fixed count)"),
 }
 
+from biasfast.debias.cli import add_parser as add_debias_parser
+
 
 def _info(args: argparse.Namespace) -> int:
     import biasfast
@@ -198,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--metric", default="pearson")
     score.add_argument("--json", default=None, help="also write the report as JSON here")
     score.set_defaults(func=_bias_score)
+    add_debias_parser(commands)
     return parser
 
 

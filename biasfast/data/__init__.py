@@ -11,3 +11,6 @@ from biasfast.data.images import (
 
 __all__ = ["DisjointSplit", "ImageSet", "array_to_images", "load_digits", "load_images", "split_disjoint"]
 # Other dataset modules add their import and __all__ entry below this line.
+from biasfast.data.colored_digits import ColoredDigits, ColoredSplit, colored_digits  # noqa: E402
+
+__all__ += ["ColoredDigits", "ColoredSplit", "colored_digits"]

@@ -1,0 +1,1 @@
+"""Diffusing DeBias and baselines on colored digits."""

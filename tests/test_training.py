@@ -11,13 +11,7 @@ from biasfast.training import (DenoisingEval, TrainConfig, Trainer, diffusion_ta
                                log_spaced_steps, save_atomic)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP barrier stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SCHEDULE = NoiseSchedule("linear", 1000)

@@ -106,7 +106,9 @@ def snr_loss_backward(ctx, grad_loss, _grad_mse, _grad_grad):
     if need_weights:
         shape, dtype = ctx.weights_meta
         contribution = (grad_loss * ctx.scale * mse).to(dtype)
-        grad_weights = torch.zeros(shape, dtype=dtype, device=mse.device).index_add_(0, timesteps.long(), contribution)
+        # A one-hot matmul instead of index_add_: no atomics, so the same bits on every run on CUDA too.
+        one_hot = torch.nn.functional.one_hot(timesteps.long(), shape[0]).to(dtype)
+        grad_weights = one_hot.t() @ contribution
     return grad_pred, grad_target, None, grad_weights, None, None
 
 

@@ -65,15 +65,32 @@ def _run_one(config, out: str, args: argparse.Namespace, resume: bool) -> dict:
     return result
 
 
+PLAN_FILE = "plan.json"
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"seeds: expected a comma list of integers such as 0,1,2, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: {text!r} repeats a seed")
+    return seeds
+
+
 def _run(args: argparse.Namespace) -> int:
     from biasfast.experiment import CONFIG_FILE, QUICK, RunConfig, check_resume_config
 
     given = _explicit_options(args)
     if args.weighting is not None:
         given["weighting"] = args.weighting
+    if args.seeds is not None and "seed" in given:
+        raise ValueError("seeds: pass either --seed or --seeds, not both")
     if args.resume is not None:
         if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
             raise ValueError(f"out: --resume continues the run in {args.resume!r}; do not also pass --out")
+        if os.path.isfile(os.path.join(args.resume, PLAN_FILE)):
+            return _resume_plan(args.resume, given, args)
         config_path = os.path.join(args.resume, CONFIG_FILE)
         if not os.path.isfile(config_path):
             raise ValueError(f"resume: {args.resume!r} holds no biasfast run ({CONFIG_FILE} missing)")
@@ -83,48 +100,65 @@ def _run(args: argparse.Namespace) -> int:
         _run_one(RunConfig.from_dict(stored), args.resume, args, resume=True)
         return 0
     weightings = (given.pop("weighting", None) or RunConfig.weighting).split(",")
+    seeds = _parse_seeds(args.seeds) if args.seeds is not None else [given.pop("seed", RunConfig.seed)]
     base = {**(QUICK if args.quick else {}), **given}
     out = args.out or os.path.join("runs", time.strftime("run-%Y%m%d-%H%M%S"))
-    if len(weightings) == 1:
-        _run_one(RunConfig(**base, weighting=weightings[0]), out, args, resume=False)
+    if len(weightings) == 1 and len(seeds) == 1:
+        _run_one(RunConfig(**base, weighting=weightings[0], seed=seeds[0]), out, args, resume=False)
         return 0
-    configs = [RunConfig(**base, weighting=w) for w in weightings]
-    import biasfast
+    plan = {"base": base, "weightings": weightings, "seeds": seeds}
+    _check_plan(plan)
+    if os.path.exists(os.path.join(out, PLAN_FILE)) and not args.overwrite:
+        raise FileExistsError(f"out: {out!r} already holds a comparison; pass --overwrite to replace it or "
+                              f"--resume {out} to continue it")
+    from biasfast.experiment import write_json_atomic
 
-    for config in configs:  # fail on a bad name before the first run starts
-        biasfast.weighting(config.weighting, biasfast.NoiseSchedule(config.schedule, config.num_timesteps))
-    runs = {c.weighting: os.path.join(out, c.weighting) for c in configs}
-    results = {c.weighting: _run_one(c, runs[c.weighting], args, resume=False) for c in configs}
-    _print_comparison(results, runs, configs[0])
+    os.makedirs(out, exist_ok=True)
+    write_json_atomic(plan, os.path.join(out, PLAN_FILE))
+    _run_plan(plan, out, args, resume=False)
     return 0
 
 
-def _print_comparison(results: dict, runs: dict, config) -> None:
-    from biasfast.data import load_images, split_disjoint
-    from biasfast.experiment import compare_weightings, write_json_atomic
+def _check_plan(plan: dict) -> None:
+    """Fail on a bad weighting name or option before the first of many runs starts."""
+    import biasfast
+    from biasfast.experiment import RunConfig
 
-    import torch
+    for name in plan["weightings"]:
+        config = RunConfig(**plan["base"], weighting=name)
+        biasfast.weighting(config.weighting, biasfast.NoiseSchedule(config.schedule, config.num_timesteps))
 
-    from biasfast.experiment import feature_classifier
 
-    source = load_images(config.data, image_size=config.image_size, channels=config.channels)
-    split = split_disjoint(source, config.n_train, config.n_test, seed=config.seed)
-    out = os.path.dirname(next(iter(runs.values())))
-    classifier = None
-    if split.labels_a is not None:  # FID needs a classifier of the training split, hence labels
-        classifier = feature_classifier(torch.cat([split.train_a, split.train_b]),
-                                        torch.cat([split.labels_a, split.labels_b]),
-                                        os.path.join(out, "classifier.pt"), seed=config.seed)
-    table = compare_weightings(results, runs, split.test, classifier)
+def _resume_plan(out: str, given: dict, args: argparse.Namespace) -> int:
+    with open(os.path.join(out, PLAN_FILE)) as f:
+        plan = json.load(f)
+    if given or args.seeds is not None:
+        raise ValueError(f"resume: {out!r} is a comparison; resume it without run options (it keeps its own)")
+    _run_plan(plan, out, args, resume=True)
+    return 0
+
+
+def _run_plan(plan: dict, out: str, args: argparse.Namespace, resume: bool) -> None:
+    """Every (weighting, seed) run in <out>/<weighting>/seed_<seed>/, then the comparison. On resume, finished
+    runs only rebuild their report, the interrupted one continues from its last checkpoint, the rest start."""
+    from biasfast.comparison import compare_runs, comparison_table
+    from biasfast.experiment import CONFIG_FILE, RunConfig, write_json_atomic
+
+    results: dict = {name: {} for name in plan["weightings"]}
+    dirs: dict = {name: {} for name in plan["weightings"]}
+    configs = {}
+    for name in plan["weightings"]:
+        for seed in plan["seeds"]:
+            config = configs.setdefault(seed, RunConfig(**plan["base"], weighting=name, seed=seed))
+            run_dir = dirs[name][seed] = os.path.join(out, name, f"seed_{seed}")
+            started = os.path.isfile(os.path.join(run_dir, CONFIG_FILE))
+            results[name][seed] = _run_one(RunConfig(**plan["base"], weighting=name, seed=seed), run_dir, args,
+                                           resume=resume and started)
+    table = compare_runs(results, dirs, configs, cache_dir=out)
     write_json_atomic(table, os.path.join(out, "comparison.json"))
-    print("\n== weightings at equal iterations: sliced Wasserstein distance (pixel space) and FID (digit-classifier "
-          "features) of the final samples to the test set")
-    print(f"{'weighting':>12} {'step':>6} {'SWD (A, B mean)':>16} {'± half-range':>12} {'FID (A, B mean)':>16} "
-          f"{'± half-range':>12} {'test loss':>10} {'score':>7}")
-    for name, row in table.items():
-        fid = (f"{row['fid_mean']:>16.4f} {row['fid_spread']:>12.4f}" if "fid_mean" in row else f"{'-':>16} {'-':>12}")
-        print(f"{name:>12} {row['step']:>6} {row['swd_mean']:>16.4f} {row['swd_spread']:>12.4f} {fid} "
-              f"{row['test_loss']:>10.4f} {row['bias_score']:>7.3f}")
+    print("\n== at equal iterations, mean ± std over seeds: sliced Wasserstein distance (pixel space) and FID "
+          "(digit-classifier features) of the final samples to the test set, test loss, bias score")
+    print(comparison_table(table))
 
 
 def _load_array(path: str, name: str):
@@ -185,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument(flag, dest=name, type=kind, default=None, help=text)
     run.add_argument("--weighting", default=None,
                      help="loss weighting (constant, debias, min_snr, ...); a comma list trains one run per weighting")
+    run.add_argument("--seeds", default=None,
+                     help="a comma list of seeds: one run per seed (and weighting), compared with mean ± std")
     run.add_argument("--out", default=None, help="output directory (default: runs/run-<time>)")
     run.add_argument("--device", default="cpu", help="cpu or cuda")
     run.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its last checkpoint")

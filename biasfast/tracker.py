@@ -86,8 +86,20 @@ class BiasTracker:
 
     @property
     def tau_bias(self) -> int | None:
-        """Step with the smallest mean pair distance (the onset of bias); None before any update."""
-        return _argmin_step(self.column("step"), self.column("pair_distance"))
+        """Step of the pair-distance minimum (the paper's τ_cos), searched after the initial rise.
+
+        Models that start from shared weights produce identical samples at first, so their pair distance starts
+        near 0 and rises before the generalization dip the paper measures; the search therefore starts at the
+        first checkpoint whose pair distance exceeds the next one's by more than their combined standard errors.
+        Independently initialised models fall from the first checkpoint on, and this is the plain argmin. None
+        when the curve has not yet fallen significantly (no minimum after the rise), or before any update."""
+        pairs, sems = self.column("pair_distance"), self.column("pair_distance_sem")
+        for i in range(len(pairs) - 1):
+            if pairs[i] is None or pairs[i + 1] is None:
+                continue
+            if pairs[i] - pairs[i + 1] > (sems[i] or 0.0) + (sems[i + 1] or 0.0):
+                return _argmin_step(self.column("step")[i:], pairs[i:])
+        return None
 
     @property
     def tau_test(self) -> int | None:

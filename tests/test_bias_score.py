@@ -318,6 +318,19 @@ def test_tracker_finds_tau_bias_tau_test_and_the_window():
     assert BiasTracker().tau_bias is None and BiasTracker().biased_window is None
 
 
+def test_tracker_tau_bias_skips_the_rise_from_shared_weights():
+    # Shared initial weights: the pair distance starts at ~0, rises, dips (generalization), rises again.
+    tracker = BiasTracker()
+    for step, pair in [(10, 0.01), (20, 0.05), (40, 0.19), (80, 0.14), (160, 0.12), (320, 0.16)]:
+        tracker.update(step, _report(pair, 0.0), 1.0 / step)
+    assert tracker.tau_bias == 160 and tracker.biased_window == (160, 320)
+    # A fall within the standard errors (0.01 each) is noise, not the end of the rise.
+    rising = BiasTracker()
+    for step, pair in [(10, 0.01), (20, 0.05), (40, 0.045), (80, 0.09)]:
+        rising.update(step, _report(pair, 0.0), 1.0)
+    assert rising.tau_bias is None and rising.biased_window is None
+
+
 def test_tracker_plot_writes_a_valid_png(tmp_path):
     from matplotlib.image import imread
 

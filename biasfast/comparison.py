@@ -1,0 +1,161 @@
+"""Sample quality of loss weightings at equal iterations, with the spread over seeds.
+
+The weighting comparison of the main job (`biasfast run --weighting constant,debias --seeds 0,1,2`): every
+(weighting, seed) run trains its models A and B for the same number of steps; the final samples of each model are
+scored against the held-out test set by the sliced Wasserstein distance in pixel space and by the FID in the
+feature space of a small digit classifier trained on that seed's training split. A seed fixes the split, the
+shared initial weights and all noise, so runs of two weightings with one seed differ only by the weighting: the
+paired differences per seed are the sharpest comparison, the spread over seeds says how much a single run can be
+trusted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from biasfast.data import load_images, split_disjoint
+from biasfast.experiment import SAMPLE_DIR
+from biasfast.training import save_atomic
+
+
+def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, *, projections: int = 256, seed: int = 0) -> float:
+    """Sliced 1-Wasserstein distance between two image sets in pixel space (random unit directions, fixed seed).
+
+    Each projection compares the two sets' quantile functions on a common grid, so the sets may differ in size.
+    """
+    x, y = x.flatten(1).double(), y.flatten(1).double()
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn(x.shape[1], projections, generator=generator, dtype=torch.float64)
+    directions /= directions.norm(dim=0, keepdim=True)
+    grid = (torch.arange(min(len(x), len(y)), dtype=torch.float64) + 0.5) / min(len(x), len(y))
+    qx = torch.quantile(x @ directions, grid, dim=0)
+    qy = torch.quantile(y @ directions, grid, dim=0)
+    return float((qx - qy).abs().mean())
+
+
+def feature_classifier(images: torch.Tensor, labels: torch.Tensor, cache: str, *, seed: int = 0,
+                       steps: int = 300) -> torch.nn.Module:
+    """A small MLP classifier of the training split (full-batch Adam, seeded), cached in `cache`; its penultimate
+    layer is the feature space of the FID (a digit-specific stand-in for Inception features)."""
+    classes = int(labels.max()) + 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(images[0].numel(), 128), torch.nn.SiLU(),
+                                  torch.nn.Linear(128, 64), torch.nn.SiLU(), torch.nn.Linear(64, classes))
+    if os.path.isfile(cache):
+        net.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
+        return net.eval()
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(net(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    save_atomic(net.state_dict(), cache)
+    return net.eval()
+
+
+def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """||μx − μy||² + Tr(Σx + Σy − 2 (Σx Σy)^½) of two feature sets (the FID formula), in float64."""
+    from scipy import linalg
+
+    x, y = x.double(), y.double()
+    cx, cy = torch.cov(x.T).numpy(), torch.cov(y.T).numpy()
+    root = linalg.sqrtm(cx @ cy)
+    root = root.real if hasattr(root, "real") else root
+    return float((x.mean(0) - y.mean(0)).square().sum() + float(cx.trace() + cy.trace() - 2 * root.trace()))
+
+
+def classifier_fid(classifier: torch.nn.Module, samples: torch.Tensor, reference: torch.Tensor) -> float:
+    features = classifier[:-1]
+    with torch.no_grad():
+        return frechet_distance(features(samples.clamp(-1, 1)), features(reference))
+
+
+def _mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (None for a single value: one seed says nothing about the spread)."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return {"mean": mean, "std": std, "n": len(values)}
+
+
+def run_quality(run_dir: str, result: dict, test: torch.Tensor, classifier: torch.nn.Module | None) -> dict:
+    """One run's final checkpoint: SWD (and FID) of models A and B to `test`, their test loss and bias score."""
+    step = result["checkpoints"][-1]["step"]
+    samples = torch.load(os.path.join(run_dir, SAMPLE_DIR, f"step_{step:08d}.pt"), map_location="cpu",
+                         weights_only=True)
+    row = {"step": step, "test_loss": result["checkpoints"][-1]["test_loss"], "bias_score": result["final"]["score"]}
+    swd = [sliced_wasserstein(samples[k], test) for k in ("samples_a", "samples_b")]
+    row.update(swd_a=swd[0], swd_b=swd[1], swd=sum(swd) / 2)
+    if classifier is not None:
+        fid = [classifier_fid(classifier, samples[k], test) for k in ("samples_a", "samples_b")]
+        row.update(fid_a=fid[0], fid_b=fid[1], fid=sum(fid) / 2)
+    return row
+
+
+QUALITY_FIELDS = ("swd", "fid", "test_loss", "bias_score")
+
+
+def summarize(per_run: dict[str, dict[int, dict]]) -> dict:
+    """Per weighting: each field's mean ± std over seeds, and (from the second weighting on) the paired
+    difference to the first weighting over the seeds both ran."""
+    table, names = {}, list(per_run)
+    for name in names:
+        rows = per_run[name]
+        entry = {"seeds": sorted(rows), "per_seed": {str(s): rows[s] for s in sorted(rows)},
+                 "step": next(iter(rows.values()))["step"]}
+        for field in QUALITY_FIELDS:
+            values = [row[field] for row in rows.values() if field in row]
+            if values:
+                entry[field] = _mean_std(values)
+        if name != names[0]:
+            base = per_run[names[0]]
+            shared = sorted(set(rows) & set(base))
+            entry["minus_" + names[0]] = {
+                field: _mean_std([rows[s][field] - base[s][field] for s in shared])
+                for field in QUALITY_FIELDS if shared and all(field in rows[s] and field in base[s] for s in shared)}
+        table[name] = entry
+    return table
+
+
+def _cell(stat: dict | None, width: int) -> str:
+    if stat is None:
+        return f"{'-':>{width}}"
+    text = f"{stat['mean']:.4f}" + (f" ± {stat['std']:.4f}" if stat["std"] is not None else "")
+    return f"{text:>{width}}"
+
+
+def comparison_table(table: dict) -> str:
+    """The summary as text: mean ± std over seeds, then the paired differences to the first weighting."""
+    lines = [f"{'weighting':>12} {'seeds':>5} {'step':>6} {'SWD':>18} {'FID':>18} {'test loss':>18} {'score':>18}"]
+    for name, entry in table.items():
+        lines.append(f"{name:>12} {len(entry['seeds']):>5} {entry['step']:>6} "
+                     + " ".join(_cell(entry.get(f), 18) for f in QUALITY_FIELDS))
+    for name, entry in table.items():
+        for key, diffs in entry.items():
+            if key.startswith("minus_"):
+                lines.append(f"{name + ' − ' + key[6:]:>25} (paired by seed) "
+                             + " ".join(_cell(diffs.get(f), 18) for f in QUALITY_FIELDS))
+    return "\n".join(lines)
+
+
+def compare_runs(results: dict[str, dict[int, dict]], run_dirs: dict[str, dict[int, str]], configs: dict[int, object],
+                 cache_dir: str) -> dict:
+    """The comparison table of finished runs: `results[weighting][seed]` (an Experiment's report) from
+    `run_dirs[weighting][seed]`; `configs[seed]` gives each seed's data and split. Each seed's FID classifier is
+    trained once on that seed's training split and cached in `cache_dir` (FID needs labels: without them, SWD only)."""
+    per_run: dict[str, dict[int, dict]] = {name: {} for name in results}
+    for seed, config in configs.items():
+        source = load_images(config.data, image_size=config.image_size, channels=config.channels)
+        split = split_disjoint(source, config.n_train, config.n_test, seed=seed)
+        classifier = None
+        if split.labels_a is not None:
+            classifier = feature_classifier(torch.cat([split.train_a, split.train_b]),
+                                            torch.cat([split.labels_a, split.labels_b]),
+                                            os.path.join(cache_dir, f"classifier_seed{seed}.pt"), seed=seed)
+        for name in results:
+            per_run[name][seed] = run_quality(run_dirs[name][seed], results[name][seed], split.test, classifier)
+    return summarize(per_run)

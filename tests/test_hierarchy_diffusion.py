@@ -246,6 +246,21 @@ def test_overlap_and_argmin_by_hand():
     assert argmin_epoch([10, 20], [math.nan, math.inf]) is None
 
 
+def test_phase_reads_minima_order_and_window():
+    from biasfast.hierarchy.experiments import _phase
+
+    epochs = [10, 20, 40, 80]
+    phase = _phase(epochs, {"bias": [3.0, 1.0, 2.0, 4.0], "test": [5.0, 4.0, 3.0, 3.5], "other": [2.0, 1.0, 0.5, 0.6]},
+                   "bias", "test")
+    assert phase["minima"] == {"bias": 20, "test": 40, "other": 40}
+    assert phase["order"] == [[20, ["bias"]], [40, ["test", "other"]]]
+    assert phase["biased_window"] == [20, 40] and not phase["test_still_falling"]
+    late = _phase(epochs, {"bias": [1.0, 2.0, 3.0, 4.0], "test": [4.0, 3.0, 2.0, 1.0]}, "test", "bias")
+    assert late["biased_window"] is None and not late["test_still_falling"]
+    assert _phase(epochs, {"bias": [1.0, 2.0, 3.0, 4.0], "test": [4.0, 3.0, 2.0, 1.0]}, "bias", "test")[
+        "test_still_falling"]
+
+
 # ---- the experiments through the CLI ----
 
 TINY_CLI = ["--n-train", "48", "--epochs", "4", "--checkpoints", "3", "--first-checkpoint", "1", "--width", "16",

@@ -63,14 +63,18 @@ def _summary(result: dict) -> str:
         return (f"train − test overlap-ratio gap largest at epoch {phase['largest_gap_epoch']}; train and test "
                 f"separated (> 2 SE at every t) from epoch {phase['separated_from']}")
     lines = [f"minima (epoch): " + ", ".join(f"{k} {v}" for k, v in phase["minima"].items()),
-             f"order of minima: {' < '.join(phase['order'])}",
+             "order of minima: " + " < ".join(" = ".join(names) + f" (epoch {epoch})" for epoch, names in phase["order"]),
              f"tau_bias (min {phase['bias_curve']}) = {phase['tau_bias']}, "
              f"tau_test (min {phase['test_curve']}) = {phase['tau_test']}"]
     window = phase["biased_window"]
     lines.append(f"biased phase: epochs {window[0]}..{window[1]}" if window else
                  "biased phase: not seen (the bias signal does not reach its minimum before the test proxy)")
-    if "train_excess_negative_from" in phase:
-        lines.append(f"train ℓ̃ < 0 (2 SE) from epoch {phase['train_excess_negative_from']}")
+    if phase["test_still_falling"]:
+        lines.append(f"note: {phase['test_curve']} still falls at the last checkpoint, so tau_test is only an upper "
+                     "end of this run (train longer to locate the test minimum)")
+    if "nearest_oracle_k" in phase:
+        lines.append("nearest oracle BP_k per checkpoint: " + ", ".join(
+            f"{e}: k={k}" for e, k in zip(result["epochs"], phase["nearest_oracle_k"])))
     return "\n".join(lines)
 
 

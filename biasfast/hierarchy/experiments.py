@@ -67,11 +67,17 @@ def _eval_sets(trainer: PairTrainer, n_eval: int) -> dict[str, torch.Tensor]:
 
 def _phase(epochs: list[int], curves: dict[str, list[float]], bias: str, test: str) -> dict:
     minima = {name: argmin_epoch(epochs, values) for name, values in curves.items()}
-    order = sorted((name for name in minima if minima[name] is not None), key=lambda n: (minima[n], n))
+    order: list[list] = []  # [epoch, curves with their minimum there], by epoch
+    for name in sorted((n for n in minima if minima[n] is not None), key=lambda n: minima[n]):
+        if order and order[-1][0] == minima[name]:
+            order[-1][1].append(name)
+        else:
+            order.append([minima[name], [name]])
     tau_bias, tau_test = minima.get(bias), minima.get(test)
     window = [tau_bias, tau_test] if tau_bias is not None and tau_test is not None and tau_bias < tau_test else None
     return {"minima": minima, "order": order, "tau_bias": tau_bias, "tau_test": tau_test,
-            "bias_curve": bias, "test_curve": test, "biased_window": window}
+            "bias_curve": bias, "test_curve": test, "biased_window": window,
+            "test_still_falling": tau_test is not None and tau_test == epochs[-1]}
 
 
 def sequential(trainer: PairTrainer, config: EvalConfig, progress: bool = True) -> dict:
@@ -103,6 +109,9 @@ def sequential(trainer: PairTrainer, config: EvalConfig, progress: bool = True) 
     bias, test = "test/KL(A||B)", "test/KL(BP_0||A)"
     oracle_curves = {f"test/KL(BP_{k}||A)": curves[f"test/KL(BP_{k}||A)"]["mean"] for k in range(data.depth + 1)}
     phase = _phase(epochs, {bias: curves[bias]["mean"], **oracle_curves}, bias, test)
+    # coarse first: the oracle BP_k the model is closest to at each checkpoint (k = depth: the most factorised)
+    phase["nearest_oracle_k"] = [min(range(data.depth + 1), key=lambda k: oracle_curves[f"test/KL(BP_{k}||A)"][i])
+                                 for i in range(len(epochs))]
     return {"experiment": "sequential", "t": t, "alpha_bar": alpha, "epochs": epochs, "curves": curves,
             "phase": phase}
 
@@ -162,9 +171,14 @@ def loss_decomposition(trainer: PairTrainer, config: EvalConfig, progress: bool 
                 entry["se"].append(se)
     means = {k: v["mean"] for k, v in curves.items() if k.startswith("fixed_t/") and not k.endswith("bayes")}
     phase = _phase(epochs, means, "fixed_t/train/excess", "fixed_t/test/ce")
-    negative = [e for e, m, s in zip(epochs, curves["fixed_t/train/excess"]["mean"], curves["fixed_t/train/excess"]["se"])
-                if m + 2 * s < 0]
-    phase["train_excess_negative_from"] = negative[0] if negative else None
+    # ℓ̃ keeps falling while the network memorises, so its onset (not its minimum) marks the bias: the first
+    # checkpoint from which training ℓ̃ stays below zero by more than 2 standard errors
+    excess = curves["fixed_t/train/excess"]
+    below = [m + 2 * s < 0 for m, s in zip(excess["mean"], excess["se"])]
+    onset = next((epochs[i] for i in range(len(epochs)) if all(below[i:])), None)
+    phase.update(bias_curve="fixed_t/train/excess < 0 (2 SE)", tau_bias=onset, train_excess_negative_from=onset,
+                 biased_window=[onset, phase["tau_test"]] if onset is not None and phase["tau_test"] is not None
+                 and onset < phase["tau_test"] else None)
     return {"experiment": "loss-decomposition", "t": fixed_t, "alpha_bar": float(diffusion.alpha_bar[fixed_t]),
             "epochs": epochs, "curves": curves, "phase": phase}
 

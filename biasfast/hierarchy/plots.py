@@ -60,19 +60,20 @@ def _nn_divergence(result: dict, figure) -> None:
 
 def _loss_decomposition(result: dict, figure) -> None:
     epochs, curves, phase = result["epochs"], result["curves"], result["phase"]
-    for axis, setting in zip(figure.subplots(1, 2), ("fixed_t", "random_t")):
-        for split, style in (("train", "-"), ("test", "--")):
-            for term, color in (("ce", "k"), ("distill", "b"), ("excess", "r")):
-                entry = curves[f"{setting}/{split}/{term}"]
-                axis.plot(epochs, entry["mean"], color=color, linestyle=style, label=f"{split} {term}")
-            axis.plot(epochs, curves[f"{setting}/{split}/bayes"]["mean"], color="g", linestyle=style, linewidth=0.8,
-                      label=f"{split} H(b0) (Bayes)")
-        axis.axhline(0, color="grey", linewidth=0.5)
-        if setting == "fixed_t":
-            _mark(axis, {"train ℓ̃": phase["tau_bias"], "test CE": phase["tau_test"]})
-        title = f"t = {result['t']}" if setting == "fixed_t" else "random t"
-        axis.set(xscale="log", xlabel="epoch", ylabel="nats per token", title=f"ℓ = ℓ* + ℓ̃, {title}")
-        axis.legend(fontsize=6)
+    left, right = figure.subplots(1, 2)
+    for split, style in (("train", "-"), ("test", "--")):
+        for term, color in (("ce", "k"), ("distill", "b"), ("bayes", "g")):
+            left.plot(epochs, curves[f"fixed_t/{split}/{term}"]["mean"], color=color, linestyle=style,
+                      label=f"{split} {dict(ce='ℓ (CE)', distill='ℓ*', bayes='H(b0), Bayes')[term]}")
+        for setting, color in (("fixed_t", "r"), ("random_t", "m")):
+            _band(right, epochs, curves[f"{setting}/{split}/excess"], f"{split} ℓ̃, {setting.replace('_', ' ')}",
+                  color=color, linestyle=style)
+    _mark(left, {"train ℓ̃ < 0 from": phase["tau_bias"], "test CE": phase["tau_test"]})
+    right.axhline(0, color="grey", linewidth=0.5)
+    left.set(xscale="log", xlabel="epoch", ylabel="nats per token", title=f"ℓ = ℓ* + ℓ̃ at t = {result['t']}")
+    right.set(xscale="log", xlabel="epoch", ylabel="nats per token", title="excess ℓ̃ = ℓ − ℓ* (0 on fresh data)")
+    left.legend(fontsize=6)
+    right.legend(fontsize=6)
 
 
 def _uturn(result: dict, figure) -> None:

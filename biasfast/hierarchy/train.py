@@ -62,10 +62,14 @@ class PairConfig:
         return FilteredHierarchicalModel(q=self.q, depth=self.depth, sigma=self.sigma, q_eff=self.q_eff,
                                          seed=self.data_seed)
 
-    def network(self) -> SequenceDenoiser:
-        """A fresh network, with initial weights from `seed` (A and B start identical)."""
+    def network(self, name: str = "A") -> SequenceDenoiser:
+        """A fresh network for model `name`: initial weights from `seed` for A and `seed + 1` for B.
+
+        The paper's model pairs start from independent initialisations, so KL(A ‖ B) measures the disagreement
+        that training on different data leaves, not how far two copies of one initialisation drift apart.
+        """
         with torch.random.fork_rng():
-            torch.manual_seed(self.seed)
+            torch.manual_seed(self.seed + NAMES.index(name))
             return SequenceDenoiser(self.q, 2**self.depth, self.width, self.layers)
 
     def epoch_grid(self) -> list[int]:
@@ -129,7 +133,7 @@ class PairTrainer:
             state = torch.load(self._state_path(name), map_location="cpu", weights_only=True)
             if int(state["epoch"]) >= config.epochs:
                 return
-        network = config.network()
+        network = config.network(name)
         optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda e: lr_factor(e, config.epochs, min(config.warmup_epochs, config.epochs)))
@@ -172,7 +176,7 @@ class PairTrainer:
 
     def weights(self, name: str, epoch: int) -> SequenceDenoiser:
         """Network `name` at checkpoint `epoch`, in eval mode."""
-        network = self.config.network()
+        network = self.config.network(name)
         network.load_state_dict(torch.load(self.checkpoint_path(name, epoch), map_location="cpu", weights_only=True))
         return network.eval().requires_grad_(False)
 

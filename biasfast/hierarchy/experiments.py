@@ -65,6 +65,14 @@ def _eval_sets(trainer: PairTrainer, n_eval: int) -> dict[str, torch.Tensor]:
     return {"train": trainer.blocks["A"][:n_eval], "test": test}
 
 
+def _record(curves: dict[str, dict[str, list]], key: str, values: torch.Tensor) -> None:
+    """Append the mean and standard error of `values` to curve `key`."""
+    mean, se = mean_se(values)
+    entry = curves.setdefault(key, {"mean": [], "se": []})
+    entry["mean"].append(mean)
+    entry["se"].append(se)
+
+
 def _phase(epochs: list[int], curves: dict[str, list[float]], bias: str, test: str) -> dict:
     minima = {name: argmin_epoch(epochs, values) for name, values in curves.items()}
     order: list[list] = []  # [epoch, curves with their minimum there], by epoch
@@ -91,21 +99,14 @@ def sequential(trainer: PairTrainer, config: EvalConfig, progress: bool = True) 
         inputs[name] = diffusion.noise(x0, t, _generator(config.seed, "sequential", name))
         oracles[name] = [data.filtered_denoiser(inputs[name], alpha, k) for k in range(data.depth + 1)]
     curves: dict[str, dict[str, list]] = {}
-
-    def record(key: str, values: torch.Tensor) -> None:
-        mean, se = mean_se(values)
-        curves.setdefault(key, {"mean": [], "se": []})
-        curves[key]["mean"].append(mean)
-        curves[key]["se"].append(se)
-
     for epoch in tqdm(epochs, desc="sequential", disable=not progress, leave=False):
         networks = {n: trainer.weights(n, epoch) for n in ("A", "B")}
         for name, x_t in inputs.items():
             p = {n: _logits(net, x_t, torch.tensor(t), config.batch).softmax(-1) for n, net in networks.items()}
-            record(f"{name}/KL(A||B)", sequence_kl(p["A"], p["B"]))
+            _record(curves, f"{name}/KL(A||B)", sequence_kl(p["A"], p["B"]))
             for k, b_k in enumerate(oracles[name]):
                 for n in ("A", "B"):
-                    record(f"{name}/KL(BP_{k}||{n})", sequence_kl(b_k, p[n]))
+                    _record(curves, f"{name}/KL(BP_{k}||{n})", sequence_kl(b_k, p[n]))
     bias, test = "test/KL(A||B)", "test/KL(BP_0||A)"
     oracle_curves = {f"test/KL(BP_{k}||A)": curves[f"test/KL(BP_{k}||A)"]["mean"] for k in range(data.depth + 1)}
     phase = _phase(epochs, {bias: curves[bias]["mean"], **oracle_curves}, bias, test)
@@ -121,7 +122,9 @@ def nn_divergence(trainer: PairTrainer, config: EvalConfig, progress: bool = Tru
     data, diffusion, epochs = trainer.data, trainer.diffusion, _epochs(trainer, config)
     train = trainer.blocks["A"]
     sets = _eval_sets(trainer, config.n_eval)
-    fresh_nn = biasfast.knn(sets["test"], train, 1, metric="hamming")[0][:, 0]
+    # the baseline is i.i.d. fresh data, accidental copies of training sequences included (not the copy-free set)
+    fresh = data.rows(0, config.n_eval, stream=2)
+    fresh_nn = biasfast.knn(fresh, train, 1, metric="hamming")[0][:, 0]
     p_test = nn_histogram(fresh_nn, data.num_leaves)
     loss_inputs = {}
     for name, x0 in (("train", train), ("test", sets["test"])):
@@ -165,10 +168,7 @@ def loss_decomposition(trainer: PairTrainer, config: EvalConfig, progress: bool 
         network = trainer.weights("A", epoch)
         for key, (x0, t, x_t, b0) in inputs.items():
             for term, values in loss_terms(_logits(network, x_t, t, config.batch), x0, b0).items():
-                mean, se = mean_se(values)
-                entry = curves.setdefault(f"{key}/{term}", {"mean": [], "se": []})
-                entry["mean"].append(mean)
-                entry["se"].append(se)
+                _record(curves, f"{key}/{term}", values)
     means = {k: v["mean"] for k, v in curves.items() if k.startswith("fixed_t/") and not k.endswith("bayes")}
     phase = _phase(epochs, means, "fixed_t/train/excess", "fixed_t/test/ce")
     # ℓ̃ keeps falling while the network memorises, so its onset (not its minimum) marks the bias: the first

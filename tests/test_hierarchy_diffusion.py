@@ -275,7 +275,7 @@ def shared_models(tmp_path_factory):
 
 @pytest.mark.parametrize("experiment,keys", [
     ("sequential", ["test/KL(A||B)", "test/KL(BP_3||A)", "train/KL(BP_0||B)"]),
-    ("nn-divergence", ["nn_divergence", "train_loss", "test_loss", "copy_fraction"]),
+    ("nn-divergence", ["nn_divergence", "train_loss", "test_loss", "copy_fraction", "nn_distance_gap"]),
     ("loss-decomposition", ["fixed_t/train/excess", "random_t/test/distill", "fixed_t/test/bayes"]),
     ("uturn", ["train/t=5", "test/t=60"]),
 ])

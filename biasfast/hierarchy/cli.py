@@ -27,6 +27,15 @@ CPU_EVAL = {"sequential": {}, "nn-divergence": {}, "loss-decomposition": {}, "ut
 PAIR_FLAGS = {"n_train": int, "epochs": int, "checkpoints": int, "first_checkpoint": int, "width": int, "layers": int,
               "batch_size": int, "lr": float, "q": int, "depth": int, "sigma": float, "q_eff": int, "data_seed": int}
 EVAL_FLAGS = {"n_eval": int, "reps": int, "sample_steps": int, "max_epochs": int}
+HELP = {"n_train": "sequences per training block (A: block 0, B: block 1)", "epochs": "training epochs per model",
+        "checkpoints": "log-spaced checkpoints", "first_checkpoint": "epoch of the first checkpoint",
+        "width": "transformer width", "layers": "transformer layers", "batch_size": "training batch size",
+        "lr": "Adam learning rate", "q": "symbols", "depth": "tree depth (2^depth tokens)", "sigma": "grammar σ",
+        "q_eff": "allowed productions per symbol", "data_seed": "seed of the grammar and the data",
+        "n_eval": "evaluation sequences per set, or generated sequences (nn-divergence)",
+        "reps": "noise draws per evaluation sequence (sequential, uturn)",
+        "sample_steps": "posterior steps of the sampler from t = T (nn-divergence; 0: all T)",
+        "max_epochs": "evaluate at most this many checkpoints, spread over the grid (0: all)"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -36,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--models", default=None, help="folder of the trained pair, reused when present (default OUT/models)")
     p.add_argument("--paper-sizes", action="store_true", help="the paper's training and evaluation sizes (GPU-scale)")
     for name, kind in {**PAIR_FLAGS, **EVAL_FLAGS}.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=HELP[name])
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, training noise and evaluations")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: these small networks run fastest single-threaded, "
@@ -69,9 +78,14 @@ def _summary(result: dict) -> str:
     window = phase["biased_window"]
     lines.append(f"biased phase: epochs {window[0]}..{window[1]}" if window else
                  "biased phase: not seen (the bias signal does not reach its minimum before the test proxy)")
+    if phase.get("note"):
+        lines.append(f"note: {phase['note']}")
     if phase["test_still_falling"]:
         lines.append(f"note: {phase['test_curve']} still falls at the last checkpoint, so tau_test is only an upper "
                      "end of this run (train longer to locate the test minimum)")
+    if "nn_distance_gap" in result["curves"]:
+        lines.append("mean NN distance, generated − fresh (< 0: closer to the training set): " + ", ".join(
+            f"{e}: {g:+.2f}" for e, g in zip(result["epochs"], result["curves"]["nn_distance_gap"])))
     if "nearest_oracle_k" in phase:
         lines.append("nearest oracle BP_k per checkpoint: " + ", ".join(
             f"{e}: k={k}" for e, k in zip(result["epochs"], phase["nearest_oracle_k"])))

@@ -109,12 +109,12 @@ class OneHotDiffusion:
         return self.denoise(x_T, self.num_timesteps, x0_estimate, steps=steps, generator=generator)
 
 
-def network_estimate(network: nn.Module) -> X0Estimate:
-    """x̂0 = softmax of the network's logits."""
+def network_estimate(network: nn.Module, batch: int = 4096) -> X0Estimate:
+    """x̂0 = softmax of the network's logits, evaluated `batch` sequences at a time (bounded memory)."""
 
     def estimate(x_t: torch.Tensor, t: int) -> torch.Tensor:
-        ts = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
-        return network(x_t, ts).softmax(-1)
+        return torch.cat([network(chunk, torch.full((len(chunk),), t, dtype=torch.long, device=chunk.device))
+                          .softmax(-1) for chunk in x_t.split(batch)])
 
     return estimate
 

@@ -76,8 +76,8 @@ def _summary(result: dict) -> str:
              f"tau_bias (min {phase['bias_curve']}) = {phase['tau_bias']}, "
              f"tau_test (min {phase['test_curve']}) = {phase['tau_test']}"]
     window = phase["biased_window"]
-    lines.append(f"biased phase: epochs {window[0]}..{window[1]}" if window else
-                 "biased phase: not seen (the bias signal does not reach its minimum before the test proxy)")
+    lines.append(f"biased phase: epochs {window[0]}..{window[1]}" if window else "biased phase: not seen " + (
+        "(see the note)" if phase.get("note") else "(the bias signal does not reach its minimum before the test proxy)"))
     if phase.get("note"):
         lines.append(f"note: {phase['note']}")
     if phase["test_still_falling"]:

@@ -3,6 +3,8 @@
   info         the build report
   run          the main job: train on two disjoint halves, track the bias score over training
   bias-score   a BiasReport from sample and training arrays on disk
+  debias       Diffusing DeBias and baselines on colored digits
+  hierarchy    the bias-mechanism experiments on the hierarchical data model
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ RUN_OPTIONS = {
 }
 
 from biasfast.debias.cli import add_parser as add_debias_parser
+from biasfast.hierarchy.cli import add_parser as add_hierarchy_parser
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -237,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--json", default=None, help="also write the report as JSON here")
     score.set_defaults(func=_bias_score)
     add_debias_parser(commands)
+    add_hierarchy_parser(commands)
     return parser
 
 

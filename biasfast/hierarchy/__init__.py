@@ -1,6 +1,11 @@
-"""The filtered hierarchical data model and its exact belief-propagation denoiser (issue 8)."""
+"""The filtered hierarchical data model, its exact belief-propagation denoiser, Gaussian one-hot diffusion on it
+and the bias-mechanism experiments (issue 8)."""
 
 from biasfast.hierarchy.bp import tree_bp
+from biasfast.hierarchy.denoiser import SequenceDenoiser
+from biasfast.hierarchy.diffusion import OneHotDiffusion, bp_estimate, network_estimate
 from biasfast.hierarchy.model import FilteredHierarchicalModel
+from biasfast.hierarchy.train import PairConfig, PairTrainer
 
-__all__ = ["FilteredHierarchicalModel", "tree_bp"]
+__all__ = ["FilteredHierarchicalModel", "OneHotDiffusion", "PairConfig", "PairTrainer", "SequenceDenoiser",
+           "bp_estimate", "network_estimate", "tree_bp"]

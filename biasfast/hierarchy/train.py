@@ -1,0 +1,185 @@
+"""Training the two `SequenceDenoiser`s of a sample split: model A on data block 0, model B on block 1.
+
+Per epoch: a fresh permutation of the block, batches of `batch_size`, one t ~ U{1..T} and one noise draw per sample
+(the paper's `DiffusionDataset`), cross-entropy of the x0 logits against the clean tokens, Adam with the paper's
+LambdaLR "default" schedule. Weights are saved on a log-spaced epoch grid. All randomness is counter-based (seeded by
+(seed, model, epoch)), so a run resumed from its last saved state ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from biasfast.hierarchy.denoiser import SequenceDenoiser
+from biasfast.hierarchy.diffusion import OneHotDiffusion
+from biasfast.hierarchy.model import FilteredHierarchicalModel
+from biasfast.training import log_spaced_steps, save_atomic, stream_seed
+
+NAMES = ("A", "B")  # model A trains on block 0, model B on block 1
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    """Everything that defines the trained pair; a models folder is reused only for an equal config."""
+
+    q: int = 6
+    depth: int = 4
+    sigma: float = 1.0
+    q_eff: int = 4
+    data_seed: int = 0
+    n_train: int = 128
+    epochs: int = 1500
+    checkpoints: int = 12
+    first_checkpoint: int = 10
+    width: int = 64
+    layers: int = 2
+    batch_size: int = 512
+    lr: float = 3e-4
+    warmup_epochs: int = 50
+    num_timesteps: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{f.name}: expected a non-negative int, got {value!r}")
+        for name in ("n_train", "epochs", "checkpoints", "width", "layers", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
+
+    def data_model(self) -> FilteredHierarchicalModel:
+        return FilteredHierarchicalModel(q=self.q, depth=self.depth, sigma=self.sigma, q_eff=self.q_eff,
+                                         seed=self.data_seed)
+
+    def network(self, name: str = "A") -> SequenceDenoiser:
+        """A fresh network for model `name`: initial weights from `seed` for A and `seed + 1` for B.
+
+        The paper's model pairs start from independent initialisations, so KL(A ‖ B) measures the disagreement
+        that training on different data leaves, not how far two copies of one initialisation drift apart.
+        """
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed + NAMES.index(name))
+            return SequenceDenoiser(self.q, 2**self.depth, self.width, self.layers)
+
+    def epoch_grid(self) -> list[int]:
+        return log_spaced_steps(self.epochs, self.checkpoints, self.first_checkpoint)
+
+
+def lr_factor(epoch: int, epochs: int, warmup: int) -> float:
+    """The paper's LambdaLR "default": linear from 1 to 0.5 over `warmup` epochs, then cosine down to 0.1."""
+    if epoch < warmup:
+        return 1.0 - 0.5 * epoch / warmup
+    progress = (epoch - warmup) / max(1, epochs - warmup)
+    return 0.1 + 0.2 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def cross_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy of x0 logits (B, L, q) against tokens (B, L), averaged."""
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+
+
+class PairTrainer:
+    """Trains (or resumes, or reuses) the pair in `folder`; `weights(name, epoch)` loads a saved checkpoint."""
+
+    def __init__(self, config: PairConfig, folder: str) -> None:
+        self.config, self.folder = config, folder
+        path = os.path.join(folder, CONFIG_FILE)
+        if os.path.isfile(path):
+            with open(path) as f:
+                stored = json.load(f)
+            if stored != asdict(config):
+                changed = sorted(k for k in set(stored) | set(asdict(config)) if stored.get(k) != asdict(config).get(k))
+                raise ValueError(f"models: {folder!r} holds a pair trained with other settings ({', '.join(changed)});"
+                                 " pass another --models folder")
+        self.diffusion = OneHotDiffusion(config.q, config.num_timesteps)
+        self.data = config.data_model()
+        self.blocks = {name: self.data.rows(i * config.n_train, (i + 1) * config.n_train)
+                       for i, name in enumerate(NAMES)}
+
+    def checkpoint_path(self, name: str, epoch: int) -> str:
+        return os.path.join(self.folder, name, f"epoch_{epoch:06d}.pt")
+
+    def _state_path(self, name: str) -> str:
+        return os.path.join(self.folder, name, "state.pt")
+
+    def done(self) -> bool:
+        return all(os.path.isfile(self.checkpoint_path(n, self.config.epochs)) for n in NAMES)
+
+    def train(self, progress: bool = True) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, CONFIG_FILE)
+        if not os.path.isfile(path):
+            with open(path + ".tmp", "w") as f:
+                json.dump(asdict(self.config), f, indent=1)
+            os.replace(path + ".tmp", path)
+        for name in NAMES:
+            self._train_one(name, progress)
+
+    def _train_one(self, name: str, progress: bool) -> None:
+        config = self.config
+        state = None
+        if os.path.isfile(self._state_path(name)):
+            state = torch.load(self._state_path(name), map_location="cpu", weights_only=True)
+            if int(state["epoch"]) >= config.epochs:
+                return
+        network = config.network(name)
+        optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda e: lr_factor(e, config.epochs, min(config.warmup_epochs, config.epochs)))
+        losses: list[float] = []
+        epoch = 0
+        if state is not None:
+            network.load_state_dict(state["network"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            epoch, losses = int(state["epoch"]), list(state["losses"])
+        grid = set(config.epoch_grid())
+        data = self.blocks[name]
+        bar = tqdm(total=config.epochs, initial=epoch, desc=f"training model {name}", unit="epoch",
+                   disable=not progress, leave=False)
+        network.train()
+        while epoch < config.epochs:
+            generator = torch.Generator().manual_seed(stream_seed(config.seed, f"hierarchy/{name}", epoch))
+            order = torch.randperm(len(data), generator=generator)
+            total = 0.0
+            for start in range(0, len(data), config.batch_size):
+                tokens = data[order[start : start + config.batch_size]]
+                t = self.diffusion.random_timesteps(len(tokens), generator)
+                x_t = self.diffusion.noise(tokens, t, generator)
+                loss = cross_entropy(network(x_t, t), tokens)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(tokens)
+            schedule.step()
+            epoch += 1
+            losses.append(total / len(data))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if epoch in grid:
+                save_atomic(network.state_dict(), self.checkpoint_path(name, epoch))
+                save_atomic({"epoch": epoch, "losses": losses, "network": network.state_dict(),
+                             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
+                            self._state_path(name))
+        bar.close()
+
+    def weights(self, name: str, epoch: int) -> SequenceDenoiser:
+        """Network `name` at checkpoint `epoch`, in eval mode."""
+        network = self.config.network(name)
+        network.load_state_dict(torch.load(self.checkpoint_path(name, epoch), map_location="cpu", weights_only=True))
+        return network.eval().requires_grad_(False)
+
+    def train_losses(self, name: str) -> list[float]:
+        """Mean training loss of every epoch (the running loss at random t)."""
+        return list(torch.load(self._state_path(name), map_location="cpu", weights_only=True)["losses"])

@@ -240,10 +240,10 @@ def launch_constants(q: int, leaves: int, top_nodes: int, dtype: torch.dtype, lo
     q_padded = triton.next_power_of_2(q)
     largest = max(leaves // 2 * q_padded**2, top_nodes * q_padded**2, top_nodes**2 * q_padded, leaves * q_padded)
     block = min(MAX_BLOCK, 1 << max(0, (REGISTER_BUDGET[log_space] // largest).bit_length() - 1))
-    double = dtype == torch.float64 or log_space  # log space in float64, as the C++ op: log-potentials can be ~1e3
+    double = dtype == torch.float64
+    compute = tl.float64 if double or log_space else tl.float32  # log space in float64 as the C++ op: |h| ~ 1e3
     return dict(Q=q, QP=q_padded, DEPTH=leaves.bit_length() - 1, K=top_nodes.bit_length() - 1, BLOCK=block,
-                DT=tl.float64 if double else tl.float32, TINY=1e-290 if dtype == torch.float64 else 1e-30, LOG_Q=math.log(q),
-                LOG=log_space)
+                DT=compute, TINY=1e-290 if double else 1e-30, LOG_Q=math.log(q), LOG=log_space)
 
 
 def tree_bp_triton(evidence: torch.Tensor, scale: torch.Tensor, grammar: torch.Tensor,

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from biasfast import kernels, reference
+from biasfast import buildinfo, kernels, reference
 from biasfast.hierarchy import FilteredHierarchicalModel, tree_bp
 from tests.tolerances import assert_close_to_reference
 
@@ -28,8 +28,10 @@ def problem(q, depth, q_eff, k, batch, dtype, seed=0):
     model = FilteredHierarchicalModel(q=q, depth=depth, sigma=1.3, q_eff=q_eff, seed=seed)
     alpha = torch.rand(batch, dtype=torch.float64) * 0.9 + 0.05
     x0 = torch.nn.functional.one_hot(model.sample(batch), q).double()
-    x_t = alpha.sqrt()[:, None, None] * x0 + (1 - alpha).sqrt()[:, None, None] * torch.randn(x0.shape, dtype=torch.float64)
-    return x_t.to(dtype), (alpha.sqrt() / (1 - alpha)).to(dtype), model.grammar.to(dtype), model.path_matrices(k).to(dtype)
+    noise = torch.randn(x0.shape, dtype=torch.float64)
+    x_t = alpha.sqrt()[:, None, None] * x0 + (1 - alpha).sqrt()[:, None, None] * noise
+    scale = alpha.sqrt() / (1 - alpha)
+    return tuple(t.to(dtype) for t in (x_t, scale, model.grammar, model.path_matrices(k)))
 
 
 def triton_bp(*args):
@@ -80,6 +82,10 @@ def test_out_of_range_rows_take_the_log_space_path_like_the_cpp_op(k):
         torch.testing.assert_close(log_z, expected_log_z, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
         assert torch.isneginf(log_z[-1]) and torch.isnan(marginals[-1]).all()
         assert torch.isfinite(marginals[:-1]).all()
+
+
+def test_info_names_the_cuda_implementation():
+    assert buildinfo.implementations()["tree_bp"]["cuda"] == "triton (tree_bp_triton)"
 
 
 def test_empty_batch():

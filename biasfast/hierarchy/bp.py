@@ -31,7 +31,7 @@ def _operator(device: torch.device):
     """The C++ kernel on the CPU, the Triton kernel on CUDA; never a silent fallback to the reference."""
     if device.type == "cuda":
         if "tree_bp_triton" not in kernels.TRITON_OPS:
-            raise RuntimeError("log_evidence: tree BP on CUDA tensors needs Triton (pip install triton); it is not available")
+            raise RuntimeError("log_evidence: tree BP on CUDA tensors needs Triton (pip install triton)")
         return torch.ops.biasfast.tree_bp_triton
     _extension.require()
     return torch.ops.biasfast.tree_bp

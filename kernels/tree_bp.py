@@ -184,25 +184,19 @@ def _tree_bp_kernel(evidence_ptr, scale_ptr, grammar_ptr, top_ptr, out_ptr, log_
     sym = tl.arange(0, QP)[None, None, :]
     offsets = (rows[:, None, None] * 2**DEPTH + leaf) * Q + sym
     mask = valid[:, None, None] & (sym < Q)
+    rewrite = valid
     if LOG:
-        redo = tl.load(redo_ptr + rows, mask=valid, other=0) != 0
-        if tl.max(redo.to(tl.int32), axis=0) > 0:
-            scale = tl.load(scale_ptr + rows, mask=valid, other=1.0).to(DT)
-            evidence = tl.load(evidence_ptr + offsets, mask=mask, other=0.0).to(DT)
-            field = tl.where(sym < Q, scale[:, None, None] * evidence, float("-inf"))
-            belief, log_z, _ = _belief_propagation(field, grammar_ptr, top_ptr, Q, QP, DEPTH, K, 2**K, DT, TINY,
-                                                   LOG_Q, True)
-            tl.store(out_ptr + offsets, belief.to(out_ptr.dtype.element_ty), mask=mask & redo[:, None, None])
-            tl.store(log_z_ptr + rows, log_z.to(log_z_ptr.dtype.element_ty), mask=valid & redo)
-    else:
+        rewrite = rewrite & (tl.load(redo_ptr + rows, mask=valid, other=0) != 0)
+    if tl.max(rewrite.to(tl.int32), axis=0) > 0:
         scale = tl.load(scale_ptr + rows, mask=valid, other=1.0).to(DT)
         evidence = tl.load(evidence_ptr + offsets, mask=mask, other=0.0).to(DT)
         field = tl.where(sym < Q, scale[:, None, None] * evidence, float("-inf"))
         belief, log_z, bad = _belief_propagation(field, grammar_ptr, top_ptr, Q, QP, DEPTH, K, 2**K, DT, TINY,
-                                                 LOG_Q, False)
-        tl.store(out_ptr + offsets, belief, mask=mask)
-        tl.store(log_z_ptr + rows, log_z, mask=valid)
-        tl.store(redo_ptr + rows, bad.to(tl.int8), mask=valid)
+                                                 LOG_Q, LOG)
+        tl.store(out_ptr + offsets, belief.to(out_ptr.dtype.element_ty), mask=mask & rewrite[:, None, None])
+        tl.store(log_z_ptr + rows, log_z.to(log_z_ptr.dtype.element_ty), mask=rewrite)
+        if not LOG:
+            tl.store(redo_ptr + rows, bad.to(tl.int8), mask=valid)
 
 
 def _argument_error(name: str, message: str) -> ValueError:

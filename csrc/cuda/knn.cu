@@ -1,13 +1,10 @@
-// Exact k-nearest neighbours on the GPU: shared-memory tiles of (8 queries × 32 references × 32 features) give
-// squared distances by direct differences (no norm expansion, so near-duplicates keep their precision), and each
-// query's warp keeps a sorted running top-k, (distance, index) ordered: in shared memory for k <= 256 (the fast
-// path), in the output rows in global memory beyond. float16/bfloat16 inputs accumulate in float32; launched on
-// the current stream. cosine/pearson rows are normalised first (float32/float64), then searched as L2.
+// Exact k-nearest neighbours on the GPU: the tiled kernel of knn_common.cuh with squared distances by direct
+// differences (no norm expansion, so near-duplicates keep their precision) and an in-kernel running top-k.
+// float16/bfloat16 inputs accumulate in float32. cosine/pearson rows are normalised first (float32/float64), then
+// searched as L2.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -16,52 +13,19 @@
 #include <string>
 
 #include "checks.h"
-#include "cuda/knn_select.cuh"
+#include "cuda/knn_common.cuh"
 
 namespace biasfast {
 namespace {
 
-constexpr int kQueries = 8;    // queries per block, one warp each
-constexpr int kRefs = 32;      // references per tile, one lane each
-constexpr int kFeatures = 32;  // features per shared-memory chunk
-
-template <typename scalar_t, typename acc_t>
-__global__ void knn_kernel(const scalar_t* __restrict__ query, const scalar_t* __restrict__ ref, int64_t nq,
-                           int64_t nr, int64_t d, int k, int64_t offset, bool exclude_self, acc_t* __restrict__ out_dist,
-                           int64_t* __restrict__ out_index) {
-  __shared__ acc_t qs[kQueries][kFeatures];
-  __shared__ acc_t rs[kRefs][kFeatures + 1];
-  extern __shared__ unsigned char list_memory[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t qi = static_cast<int64_t>(blockIdx.x) * kQueries + warp;
-  knn_select::WarpList<acc_t> list(list_memory, kQueries, warp, k, out_dist, out_index, qi);
-  if (qi < nq) list.reset(lane);
-  for (int64_t j0 = 0; j0 < nr; j0 += kRefs) {
-    acc_t acc = 0;
-    for (int64_t t0 = 0; t0 < d; t0 += kFeatures) {
-      for (int e = threadIdx.x; e < kQueries * kFeatures; e += blockDim.x) {
-        const int r = e / kFeatures, t = e % kFeatures;
-        const int64_t row = static_cast<int64_t>(blockIdx.x) * kQueries + r;
-        qs[r][t] = (row < nq && t0 + t < d) ? static_cast<acc_t>(query[row * d + t0 + t]) : acc_t(0);
-      }
-      for (int e = threadIdx.x; e < kRefs * kFeatures; e += blockDim.x) {
-        const int r = e / kFeatures, t = e % kFeatures;
-        rs[r][t] = (j0 + r < nr && t0 + t < d) ? static_cast<acc_t>(ref[(j0 + r) * d + t0 + t]) : acc_t(0);
-      }
-      __syncthreads();
-#pragma unroll
-      for (int t = 0; t < kFeatures; ++t) {
-        const acc_t diff = qs[warp][t] - rs[lane][t];
-        acc += diff * diff;
-      }
-      __syncthreads();
-    }
-    if (qi >= nq) continue;
-    const int64_t j = j0 + lane + offset;
-    list.offer(acc, j, j0 + lane < nr && !(exclude_self && j == qi), lane);
+// Squared L2 distance, one column at a time (float16/bfloat16 tiles hold float32).
+struct SquaredDifference {
+  template <typename acc_t>
+  __device__ static acc_t add(acc_t acc, acc_t a, acc_t b) {
+    const acc_t diff = a - b;
+    return acc + diff * diff;
   }
-  if (qi < nq) list.store(out_dist, out_index, qi, lane);
-}
+};
 
 at::Tensor unit_rows(const at::Tensor& x, bool center, at::ScalarType dtype) {
   at::Tensor rows = x.to(dtype);
@@ -102,16 +66,11 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query, const at::T
   const int64_t nq = q.size(0);
   at::Tensor dist = at::empty({nq, k}, q.options().dtype(acc_type));
   at::Tensor index = at::empty({nq, k}, q.options().dtype(at::kLong));
-  const dim3 grid((nq + kQueries - 1) / kQueries), block(kQueries * 32);
-  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "knn_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const size_t list_bytes = knn_select::list_bytes<acc_t>(kQueries, k);
-    knn_kernel<scalar_t, acc_t><<<grid, block, list_bytes, stream>>>(
-        q.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), nq, r.size(0), q.size(1), static_cast<int>(k), index_offset,
-        exclude_self, dist.data_ptr<acc_t>(), index.data_ptr<int64_t>());
+    knn_gpu::launch_tiled_knn<SquaredDifference, scalar_t, acc_t, acc_t, acc_t>(q, r, k, index_offset, exclude_self,
+                                                                                dist, index);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (metric == "l2") dist = dist.sqrt();
   if (metric == "cosine" || metric == "pearson") dist = dist * 0.5;
   return {dist, index};

@@ -37,16 +37,19 @@ def op_names() -> list[str]:
 
 
 def implementations() -> dict[str, dict[str, str]]:
-    """For each op: which implementation serves CPU and CUDA tensors."""
+    """For each op: which implementation serves CPU and CUDA tensors (for an op with a Triton twin `<op>_triton`,
+    the public API runs the twin on CUDA: shown as "triton (<op>_triton)")."""
     table = {}
     for name in op_names():
         if name in kernels.TRITON_OPS:
             table[name] = {"cpu": "triton (interpreter)" if kernels.interpreted() else "-", "cuda": "triton"}
             continue
-        table[name] = {
-            "cpu": "C++" if _extension.has_kernel(name, "CPU") else "-",
-            "cuda": "CUDA C++" if _extension.has_kernel(name, "CUDA") else "-",
-        }
+        cuda = "-"
+        if _extension.has_kernel(name, "CUDA"):
+            cuda = "CUDA C++"
+        elif f"{name}_triton" in kernels.TRITON_OPS:
+            cuda = f"triton ({name}_triton)"
+        table[name] = {"cpu": "C++" if _extension.has_kernel(name, "CPU") else "-", "cuda": cuda}
     return table
 
 

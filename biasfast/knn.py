@@ -74,8 +74,10 @@ def search_chunk(
     """
     check_pair(query, ref)
     if metric == "hamming":
-        if query.device.type != "cpu":
-            raise ValueError(f"query: metric 'hamming' has a CPU kernel only, got tensors on {query.device}")
+        device = query.device.type
+        if device != "cpu" and not _extension.has_kernel("knn_hamming", device.upper()):
+            raise ValueError(f"query: metric 'hamming' has no kernel for {query.device} in this build (CPU, and CUDA "
+                             "when built with a CUDA toolkit)")
         return torch.ops.biasfast.knn_hamming(query, ref, k, offset, exclude_self)
     return torch.ops.biasfast.knn(query, ref, k, metric, offset, exclude_self, workspace_mb)
 

@@ -11,6 +11,7 @@ import importlib.util
 import os
 
 import torch
+from torch.library import custom_op, triton_op
 
 TRITON_OPS: list[str] = []
 
@@ -27,7 +28,18 @@ def enabled() -> bool:
     return interpreted() or torch.cuda.is_available()
 
 
-if enabled():
-    from biasfast.kernels import sampler_step, snr_loss  # noqa: F401,E402  (register the triton_ops)
+def register_op(name: str, fn, mutates_args: tuple[str, ...] = ()):
+    """A triton_op (visible to torch.compile, which can fuse around it); under the interpreter an opaque
+    custom_op instead, because AOT tracing would decompose the op and drop the interpreted kernel launch.
+    `fn` is its own fake: it must skip the launch for fake tensors when interpreted."""
+    if not interpreted():
+        return triton_op(name, mutates_args=mutates_args)(fn)
+    op = custom_op(name, fn, mutates_args=mutates_args)
+    op.register_fake(fn)
+    return op
 
-    TRITON_OPS += ["snr_loss_triton", "sampler_step_triton", "sampler_step_out_triton"]
+
+if enabled():
+    from biasfast.kernels import sampler_step, snr_loss, tree_bp  # noqa: F401,E402  (register the triton_ops)
+
+    TRITON_OPS += ["snr_loss_triton", "sampler_step_triton", "sampler_step_out_triton", "tree_bp_triton"]

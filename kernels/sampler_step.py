@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import custom_op, triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from . import interpreted
+from . import interpreted, register_op
 
 METHODS = {"ddpm": 0, "ddim": 1}
 PREDICTIONS = {"epsilon": 0, "sample": 1, "v_prediction": 2}
@@ -137,15 +137,5 @@ def sampler_step_out_triton(x_t: torch.Tensor, model_output: torch.Tensor, uncon
             guidance_scale, clip_sample, out, x0_out)
 
 
-def _register(name: str, fn, mutates_args: tuple[str, ...] = ()):
-    """A triton_op (visible to torch.compile, which can fuse around it); under the interpreter an opaque
-    custom_op instead, because AOT tracing would decompose the op and drop the interpreted kernel launch."""
-    if not interpreted():
-        return triton_op(name, mutates_args=mutates_args)(fn)
-    op = custom_op(name, fn, mutates_args=mutates_args)
-    op.register_fake(fn)
-    return op
-
-
-sampler_step_triton = _register("biasfast::sampler_step_triton", sampler_step_triton)
-sampler_step_out_triton = _register("biasfast::sampler_step_out_triton", sampler_step_out_triton, ("out", "x0_out"))
+sampler_step_triton = register_op("biasfast::sampler_step_triton", sampler_step_triton)
+sampler_step_out_triton = register_op("biasfast::sampler_step_out_triton", sampler_step_out_triton, ("out", "x0_out"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from biasfast import _extension
+from biasfast import _extension, kernels
 from biasfast._validation import check_finite, check_floating, check_tensor
 
 
@@ -19,12 +19,22 @@ def tree_bp(
 
     `grammar` is M (q, q, q); `top` (2^k, q, q) the root-to-depth-k matrices of the k-filtered model (identity
     for the full model); the root is uniform. A row whose evidence is impossible has log partition −inf and NaN
-    posteriors. float32 for float32/float16/bfloat16 evidence, float64 for float64.
+    posteriors. float32 for float32/float16/bfloat16 evidence, float64 for float64. CPU tensors run the C++
+    kernel, CUDA tensors the Triton kernel (`biasfast::tree_bp_triton`).
     """
-    _extension.require()
     if scale is None:
         scale = log_evidence.new_ones(log_evidence.shape[0])
-    return torch.ops.biasfast.tree_bp(log_evidence, scale, grammar, top)
+    return _operator(log_evidence.device)(log_evidence, scale, grammar, top)
+
+
+def _operator(device: torch.device):
+    """The C++ kernel on the CPU, the Triton kernel on CUDA; never a silent fallback to the reference."""
+    if device.type == "cuda":
+        if "tree_bp_triton" not in kernels.TRITON_OPS:
+            raise RuntimeError("log_evidence: tree BP on CUDA tensors needs Triton (pip install triton)")
+        return torch.ops.biasfast.tree_bp_triton
+    _extension.require()
+    return torch.ops.biasfast.tree_bp
 
 
 def check_sequences(tokens: object, q: int, leaves: int, name: str) -> torch.Tensor:

@@ -6,6 +6,7 @@
 
 #include "checks.h"
 #include "cpu/knn_common.h"
+#include "knn_hamming_checks.h"
 
 namespace biasfast {
 namespace {
@@ -14,15 +15,7 @@ constexpr int64_t kRefBlock = 256;
 
 std::tuple<at::Tensor, at::Tensor> knn_hamming_cpu(const at::Tensor& query, const at::Tensor& ref, int64_t k,
                                                    int64_t index_offset, bool exclude_self) {
-  for (const auto& [t, name] : {std::pair{query, "query"}, std::pair{ref, "ref"}}) {
-    BIASFAST_CHECK_ARG(t.dim() == 2, name, "expected a 2-D (rows, positions) tensor, got shape ", t.sizes());
-    BIASFAST_CHECK_ARG(!at::isFloatingType(t.scalar_type()) && !at::isComplexType(t.scalar_type()), name,
-                       "hamming needs integer token tensors, got ", t.scalar_type());
-    BIASFAST_CHECK_ARG(t.size(0) > 0, name, "is empty (shape ", t.sizes(), ")");
-  }
-  BIASFAST_CHECK_ARG(ref.size(1) == query.size(1), "ref", "sequence length ", ref.size(1),
-                     " does not match query's ", query.size(1));
-  BIASFAST_CHECK_ARG(k >= 1, "k", "must be at least 1, got ", k);
+  check_hamming_inputs(query, ref, k);
   const at::Tensor q = query.to(at::kLong).contiguous(), r = ref.to(at::kLong).contiguous();
   const int64_t nq = q.size(0), nr = r.size(0), len = q.size(1);
   const int64_t* qp = q.data_ptr<int64_t>();

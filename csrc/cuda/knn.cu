@@ -1,13 +1,10 @@
-// Exact k-nearest neighbours on the GPU: shared-memory tiles of (8 queries × 32 references × 32 features) give
-// squared distances by direct differences (no norm expansion, so near-duplicates keep their precision), and each
-// query's warp keeps a sorted running top-k, (distance, index) ordered: in shared memory for k <= 256 (the fast
-// path), in the output rows in global memory beyond. float16/bfloat16 inputs accumulate in float32; launched on
-// the current stream. cosine/pearson rows are normalised first (float32/float64), then searched as L2.
+// Exact k-nearest neighbours on the GPU: the tiled kernel of knn_common.cuh with squared distances by direct
+// differences (no norm expansion, so near-duplicates keep their precision) and an in-kernel running top-k.
+// float16/bfloat16 inputs accumulate in float32. cosine/pearson rows are normalised first (float32/float64), then
+// searched as L2.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -16,108 +13,19 @@
 #include <string>
 
 #include "checks.h"
+#include "cuda/knn_common.cuh"
 
 namespace biasfast {
 namespace {
 
-constexpr int kQueries = 8;    // queries per block, one warp each
-constexpr int kRefs = 32;      // references per tile, one lane each
-constexpr int kFeatures = 32;  // features per shared-memory chunk
-constexpr int kSharedK = 256;  // largest k kept in shared memory
-
-template <typename acc_t>
-__device__ inline bool before(acc_t va, int64_t ia, acc_t vb, int64_t ib) {
-  return va < vb || (va == vb && ia < ib);
-}
-
-// Insert (v, j) into the sorted list (dist, index) of length k held by one warp (v is known to beat dist[k-1]).
-template <typename acc_t>
-__device__ void warp_insert(acc_t* dist, int64_t* index, int k, acc_t v, int64_t j, int lane) {
-  int pos = 0;
-  for (int base = 0; base < k; base += 32) {
-    const int e = base + lane;
-    const bool smaller = e < k && before(dist[e], index[e], v, j);
-    pos += __popc(__ballot_sync(0xffffffffu, smaller));
+// Squared L2 distance, one column at a time (float16/bfloat16 tiles hold float32).
+struct SquaredDifference {
+  template <typename acc_t>
+  __device__ static acc_t add(acc_t acc, acc_t a, acc_t b) {
+    const acc_t diff = a - b;
+    return acc + diff * diff;
   }
-  for (int base = ((k - 1) / 32) * 32; base >= 0; base -= 32) {  // shift [pos, k-1) right, from the end
-    const int e = base + lane;
-    const bool move = e >= pos && e + 1 < k;
-    acc_t dv = move ? dist[e] : acc_t(0);
-    int64_t iv = move ? index[e] : 0;
-    __syncwarp();
-    if (move) {
-      dist[e + 1] = dv;
-      index[e + 1] = iv;
-    }
-    __syncwarp();
-  }
-  if (lane == 0) {
-    dist[pos] = v;
-    index[pos] = j;
-  }
-  __syncwarp();
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void knn_kernel(const scalar_t* __restrict__ query, const scalar_t* __restrict__ ref, int64_t nq,
-                           int64_t nr, int64_t d, int k, int64_t offset, bool exclude_self, acc_t* __restrict__ out_dist,
-                           int64_t* __restrict__ out_index) {
-  __shared__ acc_t qs[kQueries][kFeatures];
-  __shared__ acc_t rs[kRefs][kFeatures + 1];
-  extern __shared__ unsigned char list_memory[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t qi = static_cast<int64_t>(blockIdx.x) * kQueries + warp;
-  const bool shared_list = k <= kSharedK;
-  acc_t* dist = shared_list ? reinterpret_cast<acc_t*>(list_memory) + warp * k : out_dist + qi * k;
-  int64_t* index = shared_list
-                       ? reinterpret_cast<int64_t*>(reinterpret_cast<acc_t*>(list_memory) + kQueries * k) + warp * k
-                       : out_index + qi * k;
-  if (qi < nq) {
-    for (int e = lane; e < k; e += 32) {
-      dist[e] = static_cast<acc_t>(INFINITY);
-      index[e] = -1;
-    }
-  }
-  __syncwarp();
-  for (int64_t j0 = 0; j0 < nr; j0 += kRefs) {
-    acc_t acc = 0;
-    for (int64_t t0 = 0; t0 < d; t0 += kFeatures) {
-      for (int e = threadIdx.x; e < kQueries * kFeatures; e += blockDim.x) {
-        const int r = e / kFeatures, t = e % kFeatures;
-        const int64_t row = static_cast<int64_t>(blockIdx.x) * kQueries + r;
-        qs[r][t] = (row < nq && t0 + t < d) ? static_cast<acc_t>(query[row * d + t0 + t]) : acc_t(0);
-      }
-      for (int e = threadIdx.x; e < kRefs * kFeatures; e += blockDim.x) {
-        const int r = e / kFeatures, t = e % kFeatures;
-        rs[r][t] = (j0 + r < nr && t0 + t < d) ? static_cast<acc_t>(ref[(j0 + r) * d + t0 + t]) : acc_t(0);
-      }
-      __syncthreads();
-#pragma unroll
-      for (int t = 0; t < kFeatures; ++t) {
-        const acc_t diff = qs[warp][t] - rs[lane][t];
-        acc += diff * diff;
-      }
-      __syncthreads();
-    }
-    if (qi >= nq) continue;
-    const int64_t j = j0 + lane + offset;
-    bool wins = j0 + lane < nr && !(exclude_self && j == qi) && before(acc, j, dist[k - 1], index[k - 1]);
-    unsigned ballot = __ballot_sync(0xffffffffu, wins);
-    while (ballot) {  // lanes in increasing reference order; each re-checks against the updated threshold
-      const int src = __ffs(ballot) - 1;
-      ballot &= ballot - 1;
-      const acc_t v = __shfl_sync(0xffffffffu, acc, src);
-      const int64_t jj = __shfl_sync(0xffffffffu, j, src);
-      if (before(v, jj, dist[k - 1], index[k - 1])) warp_insert(dist, index, k, v, jj, lane);
-    }
-  }
-  if (shared_list && qi < nq) {
-    for (int e = lane; e < k; e += 32) {
-      out_dist[qi * k + e] = dist[e];
-      out_index[qi * k + e] = index[e];
-    }
-  }
-}
+};
 
 at::Tensor unit_rows(const at::Tensor& x, bool center, at::ScalarType dtype) {
   at::Tensor rows = x.to(dtype);
@@ -158,16 +66,11 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query, const at::T
   const int64_t nq = q.size(0);
   at::Tensor dist = at::empty({nq, k}, q.options().dtype(acc_type));
   at::Tensor index = at::empty({nq, k}, q.options().dtype(at::kLong));
-  const dim3 grid((nq + kQueries - 1) / kQueries), block(kQueries * 32);
-  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "knn_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const size_t list_bytes = k <= kSharedK ? kQueries * k * (sizeof(acc_t) + sizeof(int64_t)) : 0;
-    knn_kernel<scalar_t, acc_t><<<grid, block, list_bytes, stream>>>(
-        q.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), nq, r.size(0), q.size(1), static_cast<int>(k), index_offset,
-        exclude_self, dist.data_ptr<acc_t>(), index.data_ptr<int64_t>());
+    knn_gpu::launch_tiled_knn<SquaredDifference, scalar_t, acc_t, acc_t, acc_t>(q, r, k, index_offset, exclude_self,
+                                                                                dist, index);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (metric == "l2") dist = dist.sqrt();
   if (metric == "cosine" || metric == "pearson") dist = dist * 0.5;
   return {dist, index};

@@ -76,6 +76,8 @@ def test_sampling_is_deterministic_per_seed_and_valid():
     assert not torch.equal(first, a.sample(301))  # the model's generator advances
     assert first.dtype == torch.int64 and first.shape == (301, 16)
     assert torch.isfinite(a.log_likelihood(first)).all()
+    for k in (0, 2):
+        assert a.sample(0, k=k).shape == (0, 16)
 
 
 @pytest.mark.parametrize("k", [0, 1, 2])

@@ -27,5 +27,5 @@ def sample_leaves(
     productions = grammar.reshape(q, q * q)
     for _ in range(k, depth):
         pair = _draw(productions[nodes], generator)
-        nodes = torch.stack([pair // q, pair % q], dim=-1).reshape(n, -1)
+        nodes = torch.stack([pair // q, pair % q], dim=-1).reshape(n, 2 * nodes.shape[1])
     return nodes

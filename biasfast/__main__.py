@@ -84,6 +84,9 @@ def _parse_seeds(text: str) -> list[int]:
 def _run(args: argparse.Namespace) -> int:
     from biasfast.experiment import CONFIG_FILE, QUICK, RunConfig, check_resume_config
 
+    from biasfast._validation import check_device
+
+    check_device(args.device, "--device")  # before any output folder is made
     given = _explicit_options(args)
     if args.weighting is not None:
         given["weighting"] = args.weighting

@@ -32,3 +32,17 @@ def check_same_device(tensors: dict[str, torch.Tensor]) -> None:
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"tensors must be on one device, got {listing}")
+
+
+def check_device(value: str | torch.device, name: str) -> torch.device:
+    """A torch.device that exists here: a clear error for a typo or for CUDA on a machine without it."""
+    try:
+        device = torch.device(value)
+    except RuntimeError as exc:
+        raise ValueError(f"{name}: {value!r} is not a device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}: {value!r} requested but CUDA is not available (torch {torch.__version__}, "
+                         f"built for CUDA {torch.version.cuda})")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: expected cpu or cuda, got {value!r}")
+    return device

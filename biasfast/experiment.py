@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 import biasfast
+from biasfast._validation import check_device
 from biasfast.data import load_images, split_disjoint
 from biasfast.models import MODEL_KINDS, build_model
 from biasfast.schedules import NoiseSchedule
@@ -113,7 +114,7 @@ class Experiment:
 
     def __init__(self, config: RunConfig, out: str, *, device: str = "cpu", progress: bool = True) -> None:
         self.config, self.out, self.progress = config, out, progress
-        self.device = torch.device(device)
+        self.device = check_device(device, "device")
         # One intra-op thread: these small models gain little from more, results do not depend on the core
         # count, and a busy machine does not stall OpenMP barriers.
         torch.set_num_threads(config.threads)

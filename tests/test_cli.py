@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from biasfast.__main__ import main
 
@@ -85,6 +86,9 @@ def test_bad_run_arguments(tmp_path, capsys):
     assert "no_such" in capsys.readouterr().err and not os.path.exists(tmp_path / "w" / "config.json")
     assert main(["run", "--quick", "--weighting", "constant,no_such", "--out", str(tmp_path / "c")]) == 2
     assert "no_such" in capsys.readouterr().err and not os.path.exists(tmp_path / "c")
+    if not torch.cuda.is_available():
+        assert main(["run", "--quick", "--device", "cuda", "--out", str(tmp_path / "d"), "--no-progress"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err and not os.path.exists(tmp_path / "d")
     assert main(["run", "--quick", "--n-train", "2000", "--out", str(tmp_path / "n"), "--no-progress"]) == 2
     assert "fewer than the split needs" in capsys.readouterr().err
     (tmp_path / "bad.npy").write_bytes(b"garbage")

@@ -291,6 +291,13 @@ def test_experiment_cli_writes_json_and_png(experiment, keys, tmp_path, shared_m
     assert f"wrote {tmp_path / experiment}.json" in capsys.readouterr().out
 
 
+@pytest.mark.gpu
+def test_experiment_cli_on_cuda_matches_the_cpu_reading(tmp_path, capsys):
+    assert main(["hierarchy", "loss-decomposition", "--out", str(tmp_path), "--device", "cuda"] + TINY_CLI) == 0
+    result = json.loads((tmp_path / "loss-decomposition.json").read_text())
+    assert result["epochs"] == [1, 2, 4] and all(math.isfinite(v) for v in result["curves"]["fixed_t/test/ce"]["mean"])
+
+
 # ---- bad input ----
 
 
@@ -315,8 +322,11 @@ def test_bad_inputs_name_the_argument(capsys):
     for call, error, match in cases:
         with pytest.raises(error, match=match):
             call()
-    for argv, message in [(["--q-eff", "7"], "q_eff: must lie in [1, q]"), (["--depth", "0"], "depth: must be at least 1"),
-                          (["--sigma", "0"], "sigma: must be positive"), (["--n-eval", "0"], "--n-eval: expected a positive int"),
-                          (["--threads", "0"], "--threads: expected >= 1")]:
+    cli_cases = [(["--q-eff", "7"], "q_eff: must lie in [1, q]"), (["--depth", "0"], "depth: must be at least 1"),
+                 (["--sigma", "0"], "sigma: must be positive"), (["--n-eval", "0"], "--n-eval: expected a positive int"),
+                 (["--threads", "0"], "--threads: expected >= 1"), (["--device", "tpu9"], "--device: 'tpu9' is not a device")]
+    if not torch.cuda.is_available():
+        cli_cases.append((["--device", "cuda"], "CUDA is not available"))
+    for argv, message in cli_cases:
         assert main(["hierarchy", "sequential", "--out", "/nonexistent-dir"] + argv) == 2
         assert message in capsys.readouterr().err

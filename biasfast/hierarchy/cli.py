@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from biasfast._validation import check_device
 from biasfast.experiment import write_json_atomic
 from biasfast.hierarchy.experiments import EXPERIMENTS, RUNNERS, EvalConfig
 from biasfast.hierarchy.train import PairConfig, PairTrainer
@@ -50,6 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: these small networks run fastest single-threaded, "
                         "several times faster than 2 threads on a loaded 2-core machine)")
+    p.add_argument("--device", default="cpu", help="where the transformers train and run: cpu or cuda (the data, "
+                   "BP oracles and samplers' state stay on the CPU)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)
 
@@ -97,9 +100,10 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads: expected >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     pair, evaluation = _configs(args)
+    device = check_device(args.device, "--device")
     models = args.models or os.path.join(args.out, "models")
     started = time.perf_counter()
-    trainer = PairTrainer(pair, models)
+    trainer = PairTrainer(pair, models, device)
     trained_now = not trainer.done()
     trainer.train(progress=not args.no_progress)
     trained = time.perf_counter()

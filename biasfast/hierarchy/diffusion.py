@@ -110,11 +110,13 @@ class OneHotDiffusion:
 
 
 def network_estimate(network: nn.Module, batch: int = 4096) -> X0Estimate:
-    """x̂0 = softmax of the network's logits, evaluated `batch` sequences at a time (bounded memory)."""
+    """x̂0 = softmax of the network's logits, evaluated `batch` sequences at a time (bounded memory) on the
+    network's device and returned on x_t's (the sampler's state stays where it is; only the network moves)."""
+    device = next(network.parameters()).device
 
     def estimate(x_t: torch.Tensor, t: int) -> torch.Tensor:
-        return torch.cat([network(chunk, torch.full((len(chunk),), t, dtype=torch.long, device=chunk.device))
-                          .softmax(-1) for chunk in x_t.split(batch)])
+        return torch.cat([network(chunk.to(device), torch.full((len(chunk),), t, dtype=torch.long, device=device))
+                          .softmax(-1).to(x_t.device) for chunk in x_t.split(batch)])
 
     return estimate
 

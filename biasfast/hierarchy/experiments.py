@@ -45,8 +45,11 @@ def _generator(seed: int, *key: object) -> torch.Generator:
 
 @torch.no_grad()
 def _logits(network: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, batch: int) -> torch.Tensor:
+    """The network's logits on the CPU, computed `batch` sequences at a time on the network's device."""
+    device = next(network.parameters()).device
     t = torch.as_tensor(t).expand(x_t.shape[0])
-    return torch.cat([network(x_t[i : i + batch], t[i : i + batch]) for i in range(0, x_t.shape[0], batch)])
+    return torch.cat([network(x_t[i : i + batch].to(device), t[i : i + batch].to(device)).cpu()
+                      for i in range(0, x_t.shape[0], batch)])
 
 
 def _epochs(trainer: PairTrainer, config: EvalConfig) -> list[int]:

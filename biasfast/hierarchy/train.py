@@ -92,8 +92,8 @@ def cross_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 class PairTrainer:
     """Trains (or resumes, or reuses) the pair in `folder`; `weights(name, epoch)` loads a saved checkpoint."""
 
-    def __init__(self, config: PairConfig, folder: str) -> None:
-        self.config, self.folder = config, folder
+    def __init__(self, config: PairConfig, folder: str, device: str | torch.device = "cpu") -> None:
+        self.config, self.folder, self.device = config, folder, torch.device(device)
         path = os.path.join(folder, CONFIG_FILE)
         if os.path.isfile(path):
             with open(path) as f:
@@ -133,7 +133,7 @@ class PairTrainer:
             state = torch.load(self._state_path(name), map_location="cpu", weights_only=True)
             if int(state["epoch"]) >= config.epochs:
                 return
-        network = config.network(name)
+        network = config.network(name).to(self.device)
         optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda e: lr_factor(e, config.epochs, min(config.warmup_epochs, config.epochs)))
@@ -154,8 +154,8 @@ class PairTrainer:
             order = torch.randperm(len(data), generator=generator)
             total = 0.0
             for start in range(0, len(data), config.batch_size):
-                tokens = data[order[start : start + config.batch_size]]
-                t = self.diffusion.random_timesteps(len(tokens), generator)
+                tokens = data[order[start : start + config.batch_size]].to(self.device)
+                t = self.diffusion.random_timesteps(len(tokens), generator).to(self.device)
                 x_t = self.diffusion.noise(tokens, t, generator)
                 loss = cross_entropy(network(x_t, t), tokens)
                 optimizer.zero_grad(set_to_none=True)
@@ -175,10 +175,10 @@ class PairTrainer:
         bar.close()
 
     def weights(self, name: str, epoch: int) -> SequenceDenoiser:
-        """Network `name` at checkpoint `epoch`, in eval mode."""
+        """Network `name` at checkpoint `epoch`, in eval mode, on the trainer's device."""
         network = self.config.network(name)
         network.load_state_dict(torch.load(self.checkpoint_path(name, epoch), map_location="cpu", weights_only=True))
-        return network.eval().requires_grad_(False)
+        return network.to(self.device).eval().requires_grad_(False)
 
     def train_losses(self, name: str) -> list[float]:
         """Mean training loss of every epoch (the running loss at random t)."""

@@ -33,9 +33,9 @@ class BenchmarkConfig:
 
     seeds: tuple[int, ...] = (0, 1, 2)
     ratios: tuple[float, ...] = ALIGNED_RATIOS
-    repeats: int = 5
+    repeats: int = 3
     classifier: TrainConfig = TrainConfig(epochs=16, lr=3e-3)
-    amplifier: TrainConfig = TrainConfig(epochs=30, lr=3e-3)
+    amplifier: TrainConfig = TrainConfig(epochs=50, lr=3e-3)  # long enough that a real-data BA memorises
     width: int = 8
     group_dro_step_size: float = 0.01
     jtt_up_weight: int = 20

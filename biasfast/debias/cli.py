@@ -46,7 +46,8 @@ def _synthetic_source(args: argparse.Namespace, quick: bool):
     from biasfast.debias.synthetic import SyntheticConfig, DiffusionSource
 
     config = SyntheticConfig.quick() if quick else SyntheticConfig()
-    config = config.with_overrides(guidance_scale=args.guidance_scale, per_class=args.per_class)
+    config = config.with_overrides(guidance_scale=args.guidance_scale, per_class=args.per_class,
+                                   progress=sys.stderr.isatty())
     return DiffusionSource(config, cache_dir=args.cache_dir if str(args.cache_dir) not in ("", ".") else None)
 
 

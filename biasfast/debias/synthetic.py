@@ -22,12 +22,12 @@ from biasfast.schedules import NoiseSchedule
 class SyntheticConfig:
     """Generator settings. guidance_scale uses diffusers' convention s = 1 + w (Ho & Salimans' w)."""
 
-    per_class: int = 500
+    per_class: int = 400
     guidance_scale: float = 2.0
     label_dropout: float = 0.1
     model: str = "unet"
     model_options: tuple[tuple[str, object], ...] = (("base_channels", 16),)
-    train_steps: int = 1000
+    train_steps: int = 800
     batch_size: int = 128
     lr: float = 1e-3
     schedule: str = "linear"

@@ -9,10 +9,10 @@ from torch import nn
 
 from biasfast.data.colored_digits import ColoredSplit, colored_digits
 from biasfast.debias.amplifier import BiasAmplifier
-from biasfast.debias.benchmark import BenchmarkConfig, method_name, run_method, with_overrides
+from biasfast.debias.benchmark import BenchmarkConfig, method_name, run_benchmark, run_method, with_overrides
 from biasfast.debias.classifier import TrainConfig
-from biasfast.debias.evaluation import accuracy_metrics, mean_std
-from biasfast.debias.recipes import _lff_weights, pseudo_groups, train_group_dro
+from biasfast.debias.evaluation import accuracy_metrics, evaluate, mean_std
+from biasfast.debias.recipes import _lff_weights, pseudo_groups, recipe_two, train_group_dro
 from biasfast.debias.rules import (
     PerSampleEMA,
     gce_loss,
@@ -101,6 +101,21 @@ def test_relative_difficulty_and_lff_weights_hand_computed():
     assert w.tolist() == pytest.approx([0.8, 1 / 3, 0.5], rel=1e-6)
 
 
+def test_recipe_two_trains_the_amplifier_with_the_target_and_keeps_aligned_accuracy(small_data):
+    """Recipe II trains the amplifier jointly (its weights move) and the target still learns the aligned
+    samples: with a pre-trained frozen amplifier W ≈ 0 for them from step one and aligned accuracy collapsed."""
+    train, aligned = small_data.train, small_data.train.aligned
+    amp = BiasAmplifier(width=8, seed=1)
+    before = [p.detach().clone() for p in amp.model.parameters()]
+    model = recipe_two(train, amp, train.images[aligned], train.labels[aligned], config=TrainConfig(epochs=3, lr=3e-3),
+                       width=8)
+    assert all(not torch.equal(b, p) for b, p in zip(before, amp.model.parameters()))
+    metrics = evaluate(model, small_data.test)
+    assert metrics["aligned"] > 0.9
+    with pytest.raises(ValueError, match="labels: values must lie"):
+        recipe_two(train, amp, train.images[:2], torch.tensor([0, 10]))
+
+
 # --- JTT ------------------------------------------------------------------------------------------------------
 
 
@@ -175,6 +190,17 @@ def test_quick_end_to_end_ddb_real_beats_erm_on_conflicting(small_data):
     assert ddb["conflicting"] > erm["conflicting"]
 
 
+def test_run_benchmark_results_do_not_depend_on_jobs():
+    config = BenchmarkConfig(seeds=(0, 1), ratios=(0.95,), repeats=1, classifier=TrainConfig(epochs=1), width=4)
+    serial = run_benchmark(("erm", "jtt"), config, log=lambda s: None)
+    parallel = run_benchmark(("erm", "jtt"), config, log=lambda s: None, jobs=2)
+    assert serial == parallel and len(serial[0.95]["erm"]) == 2
+    assert serial[0.95]["erm"][0] != serial[0.95]["erm"][1]  # the two seeds are different runs
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="jobs: expected a positive int"):
+            run_benchmark(("erm",), config, jobs=bad)
+
+
 def test_method_names_and_bad_choices(small_data):
     assert method_name(1, None) == "ddb-1" and method_name(2, None) == "ddb-2"
     assert method_name(2, "ddb-real") == "ddb-real-2" and method_name(None, "jtt") == "jtt"
@@ -219,3 +245,23 @@ def test_diffusion_source_generates_labelled_images_in_unit_range(small_data):
     assert images.shape == (30, 3, 8, 8) and labels.tolist() == sorted(labels.tolist())
     assert torch.bincount(labels).tolist() == [3] * 10
     assert images.min() >= 0 and images.max() <= 1
+
+
+def test_diffusion_source_caches_per_ratio_seed_and_config(small_data, tmp_path, monkeypatch):
+    from biasfast.debias import synthetic
+    from biasfast.debias.synthetic import DiffusionSource, SyntheticConfig
+
+    config = SyntheticConfig(per_class=2, train_steps=2, sampling_steps=2, progress=False)
+    source = DiffusionSource(config, log=lambda s: None, cache_dir=tmp_path)
+    images, labels = source(small_data, seed=0)
+    assert source.cache_path(small_data, 0).exists()
+    assert source.cache_path(small_data, 1) != source.cache_path(small_data, 0)
+    other = DiffusionSource(config.with_overrides(guidance_scale=3.0), cache_dir=tmp_path)
+    assert other.cache_path(small_data, 0) != source.cache_path(small_data, 0)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached images should have been used")
+
+    monkeypatch.setattr(synthetic, "train_conditional_diffusion", no_training)
+    again, again_labels = source(small_data, seed=0)
+    assert torch.equal(again, images) and torch.equal(again_labels, labels)

@@ -36,15 +36,18 @@ class BiasAmplifier:
         check_labelled_images(images, labels, num_classes=self.num_classes)
 
         def step(idx: torch.Tensor) -> torch.Tensor:
-            logits = self.model(images[idx])
-            if self.gce:
-                return gce_loss(logits, labels[idx], self.q).mean()
-            return F.cross_entropy(logits, labels[idx])
+            return self.loss(self.model(images[idx]), labels[idx])
 
         self.model.train()
         run_epochs(step, self.model.parameters(), labels.numel(), self.config, seed=self.seed)
         self.model.eval()
         return self
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The amplifier's training loss on a batch: mean GCE (q) or mean CE."""
+        if self.gce:
+            return gce_loss(logits, labels, self.q).mean()
+        return F.cross_entropy(logits, labels)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return predict_logits(self.model, images)

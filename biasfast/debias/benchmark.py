@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
+import functools
+import multiprocessing
+import os
 import platform
 import time
 from dataclasses import dataclass, replace
@@ -29,17 +33,17 @@ class BenchmarkConfig:
 
     seeds: tuple[int, ...] = (0, 1, 2)
     ratios: tuple[float, ...] = ALIGNED_RATIOS
-    repeats: int = 5
-    classifier: TrainConfig = TrainConfig(epochs=12)
-    amplifier: TrainConfig = TrainConfig(epochs=12)
-    width: int = 16
+    repeats: int = 3
+    classifier: TrainConfig = TrainConfig(epochs=16, lr=3e-3)
+    amplifier: TrainConfig = TrainConfig(epochs=50, lr=3e-3)  # long enough that a real-data BA memorises
+    width: int = 8
     group_dro_step_size: float = 0.01
     jtt_up_weight: int = 20
 
     @classmethod
     def quick(cls) -> "BenchmarkConfig":
-        fast = TrainConfig(epochs=8, lr=3e-3)
-        return cls(seeds=(0, 1, 2), ratios=(0.99,), repeats=2, classifier=fast, amplifier=fast, width=8)
+        return cls(ratios=(0.99,), repeats=2, classifier=TrainConfig(epochs=12, lr=3e-3),
+                   amplifier=TrainConfig(epochs=20, lr=3e-3))
 
 
 def method_name(recipe: int | None, baseline: str | None) -> str:
@@ -57,21 +61,35 @@ def method_name(recipe: int | None, baseline: str | None) -> str:
     return baseline
 
 
-def _amplifier(
-    data: ColoredDigits, source: str, seed: int, config: BenchmarkConfig, synthetic: SyntheticSource | None,
-    log: Callable[[str], None] | None = None,
-) -> BiasAmplifier:
-    """Fit a BA on the real training images ("real") or on synthetic ones, for as many optimiser steps as
-    `config.amplifier.epochs` epochs of the real training set (a fair ablation whatever the synthetic size)."""
+def _amplifier_data(
+    data: ColoredDigits, source: str, seed: int, synthetic: SyntheticSource | None, cache: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The amplifier's training images: the real training split ("real") or synthetic ones (made once, cached)."""
     if source == "real":
-        images, labels = data.train.images, data.train.labels
-    else:
+        return data.train.images, data.train.labels
+    if "synthetic-data" not in cache:
         if synthetic is None:
             raise ValueError("synthetic: DDB needs a synthetic-data source (a diffusion generator)")
-        images, labels = synthetic(data, seed)
+        cache["synthetic-data"] = synthetic(data, seed)
+    return cache["synthetic-data"]
+
+
+def _new_amplifier(data: ColoredDigits, seed: int, config: BenchmarkConfig, epochs: int) -> BiasAmplifier:
+    return BiasAmplifier(in_channels=data.train.images.shape[1], width=config.width,
+                         config=replace(config.amplifier, epochs=epochs), seed=seed + 20_000)
+
+
+def _fitted_amplifier(
+    data: ColoredDigits, source: str, seed: int, config: BenchmarkConfig, synthetic: SyntheticSource | None,
+    cache: dict, log: Callable[[str], None] | None = None,
+) -> BiasAmplifier:
+    """Recipe I's BA, fitted once per source for as many optimiser steps as `config.amplifier.epochs` epochs of
+    the real training set (a fair ablation whatever the synthetic size)."""
+    if source in cache:
+        return cache[source]
+    images, labels = _amplifier_data(data, source, seed, synthetic, cache)
     epochs = max(1, round(config.amplifier.epochs * len(data.train) / labels.numel()))
-    amplifier = BiasAmplifier(in_channels=data.train.images.shape[1], width=config.width,
-                              config=replace(config.amplifier, epochs=epochs), seed=seed + 20_000).fit(images, labels)
+    amplifier = cache[source] = _new_amplifier(data, seed, config, epochs).fit(images, labels)
     if log is not None:  # diagnostics only: bias labels never reach training
         flagged = amplifier.predict_conflicting(data.train.images, data.train.labels)
         truth = ~data.train.aligned
@@ -83,51 +101,76 @@ def _amplifier(
 
 def run_method(
     data: ColoredDigits, method: str, seed: int, config: BenchmarkConfig,
-    synthetic: SyntheticSource | None = None, amplifiers: dict[str, BiasAmplifier] | None = None,
+    synthetic: SyntheticSource | None = None, cache: dict | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Train one method on data.train (selecting on data.val) and evaluate on the unbiased test split.
 
-    `amplifiers` caches the BA per source ("real"/"synthetic") across the recipes of one (ratio, seed)."""
+    `cache` keeps the synthetic images and the fitted Recipe I amplifiers across the methods of one (ratio, seed)."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     common = dict(config=config.classifier, seed=seed, width=config.width)
+    cache = {} if cache is None else cache
     if method == "erm":
         model = train_erm(data.train, data.val, **common)
     elif method == "lff":
         model = train_lff(data.train, data.val, **common)
     elif method == "jtt":
         model = train_jtt(data.train, data.val, up_weight=config.jtt_up_weight, **common)
+    elif method.endswith("-1"):
+        source = "real" if method.startswith("ddb-real") else "synthetic"
+        amplifier = _fitted_amplifier(data, source, seed, config, synthetic, cache, log)
+        model = recipe_one(data.train, amplifier, data.val, step_size=config.group_dro_step_size, **common)
     else:
         source = "real" if method.startswith("ddb-real") else "synthetic"
-        amplifiers = {} if amplifiers is None else amplifiers
-        if source not in amplifiers:
-            amplifiers[source] = _amplifier(data, source, seed, config, synthetic, log)
-        if method.endswith("-1"):
-            model = recipe_one(data.train, amplifiers[source], data.val, step_size=config.group_dro_step_size,
-                               **common)
-        else:
-            model = recipe_two(data.train, amplifiers[source], data.val, **common)
+        images, labels = _amplifier_data(data, source, seed, synthetic, cache)
+        amplifier = _new_amplifier(data, seed, config, config.classifier.epochs)
+        model = recipe_two(data.train, amplifier, images, labels, data.val, **common)
     return evaluate(model, data.test)
+
+
+def _run_cell(
+    ratio: float, seed: int, methods: tuple[str, ...], config: BenchmarkConfig, synthetic: SyntheticSource | None,
+    log: Callable[[str], None],
+) -> dict[str, dict[str, float]]:
+    """Every method on one (ratio, seed) dataset, sharing its synthetic images and Recipe I amplifiers."""
+    data = colored_digits(ratio, seed=seed, repeats=config.repeats)
+    cache: dict = {}
+    out = {}
+    for method in methods:
+        start, cpu = time.perf_counter(), time.process_time()
+        out[method] = run_method(data, method, seed, config, synthetic, cache, log)
+        log(f"ratio {ratio} seed {seed} {method:10s} {time.perf_counter() - start:6.1f}s "
+            f"(cpu {time.process_time() - cpu:5.1f}s)  " + "  ".join(f"{k} {v:.3f}" for k, v in out[method].items()))
+    return out
+
+
+def _run_cell_in_worker(*args) -> dict[str, dict[str, float]]:
+    torch.set_num_threads(1)
+    return _run_cell(*args, functools.partial(print, flush=True))
 
 
 def run_benchmark(
     methods: tuple[str, ...], config: BenchmarkConfig, synthetic: SyntheticSource | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, jobs: int = 1,
 ) -> dict[float, dict[str, list[dict[str, float]]]]:
-    """results[ratio][method] = per-seed metrics; data are rebuilt per (ratio, seed)."""
-    results: dict[float, dict[str, list[dict[str, float]]]] = {}
-    for ratio in config.ratios:
-        results[ratio] = {m: [] for m in methods}
-        for seed in config.seeds:
-            data = colored_digits(ratio, seed=seed, repeats=config.repeats)
-            amplifiers: dict[str, BiasAmplifier] = {}
-            for method in methods:
-                start = time.perf_counter()
-                metrics = run_method(data, method, seed, config, synthetic, amplifiers, log)
-                results[ratio][method].append(metrics)
-                log(f"ratio {ratio} seed {seed} {method:10s} {time.perf_counter() - start:6.1f}s  "
-                    + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    """results[ratio][method] = per-seed metrics; data are rebuilt per (ratio, seed).
+
+    `jobs` > 1 runs the (ratio, seed) cells in that many single-threaded worker processes (the models are tiny,
+    so processes scale where intra-op threads do not); results do not depend on `jobs`."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs: expected a positive int, got {jobs!r}")
+    cells = [(ratio, seed) for ratio in config.ratios for seed in config.seeds]
+    if jobs == 1:
+        outputs = [_run_cell(ratio, seed, methods, config, synthetic, log) for ratio, seed in cells]
+    else:
+        context = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            outputs = list(pool.map(_run_cell_in_worker, *zip(*[(r, s, methods, config, synthetic) for r, s in cells])))
+    results: dict[float, dict[str, list[dict[str, float]]]] = {r: {m: [] for m in methods} for r in config.ratios}
+    for (ratio, _), by_method in zip(cells, outputs):
+        for method, metrics in by_method.items():
+            results[ratio][method].append(metrics)
     return results
 
 
@@ -141,7 +184,9 @@ def format_table(results: dict[float, dict[str, list[dict[str, float]]]]) -> str
     return "\n".join(lines)
 
 
-def table_report(results: dict, *, command: str, elapsed_s: float, config: BenchmarkConfig, notes: str = "") -> str:
+def table_report(
+    results: dict, *, command: str, elapsed_s: float, cpu_s: float, config: BenchmarkConfig, notes: str = ""
+) -> str:
     seeds = ", ".join(map(str, config.seeds))
     return (
         "# Debiasing on colored digits\n\n"
@@ -149,7 +194,8 @@ def table_report(results: dict, *, command: str, elapsed_s: float, config: Bench
         f" {torch.get_num_threads()} thread(s)\n"
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
         f"- command: `{command}`\n"
-        f"- wall time: {elapsed_s / 60:.1f} min\n"
+        f"- wall time: {elapsed_s / 60:.1f} min; CPU time (user + system, all processes): {cpu_s / 60:.1f} min\n"
+        f"- load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}\n"
         f"- seeds: {seeds} (mean ± std over seeds, accuracies in %); test = every test digit in all 10 colours\n\n"
         "unbiased = mean accuracy over the 100 (class, colour) cells; aligned / conflicting = mean of the diagonal /"
         " off-diagonal cells; worst_group = min over the 20 (class × aligned/conflicting) groups.\n\n"

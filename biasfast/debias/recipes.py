@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from biasfast.data.colored_digits import NUM_CLASSES, ColoredSplit
+from biasfast.data.colored_digits import NUM_CLASSES, ColoredSplit, check_labelled_images
 from biasfast.debias.amplifier import BiasAmplifier
 from biasfast.debias.classifier import KeepBest, SmallCNN, TrainConfig, predict_logits, run_epochs
 from biasfast.debias.rules import PerSampleEMA, gce_loss, group_dro_step, group_means, jtt_indices, relative_difficulty
@@ -93,22 +93,36 @@ def _lff_weights(
 
 
 def recipe_two(
-    train: ColoredSplit, amplifier: BiasAmplifier, val: ColoredSplit | None = None, *, alpha: float = 0.7,
-    config: TrainConfig = TrainConfig(), seed: int = 0, width: int = 16,
+    train: ColoredSplit, amplifier: BiasAmplifier, bias_images: torch.Tensor, bias_labels: torch.Tensor,
+    val: ColoredSplit | None = None, *, alpha: float = 0.7, config: TrainConfig = TrainConfig(), seed: int = 0,
+    width: int = 16,
 ) -> nn.Module:
-    """DDB Recipe II: LfF's loop with the frozen amplifier's per-sample CE as L_b: loss = mean(CE_d · W)."""
+    """DDB Recipe II: the amplifier and the target are trained together (the seed paper's Fig. 5), LfF-style.
+
+    Each step the amplifier takes a GCE step on a batch of its own data (`bias_images`: synthetic for DDB) and
+    scores the target's real batch; W = L_b/(L_b + L_d) from per-sample EMAs with class-wise max
+    normalisation weights the target's CE. Training both from scratch matters: a pre-trained, frozen amplifier
+    gives aligned samples W ≈ 0 from the first step, before the target has learnt anything, and the target then
+    learns from the conflicting samples only (measured: aligned accuracy collapses; benchmarks/DEBIAS.md).
+    """
+    check_labelled_images(bias_images, bias_labels, num_classes=amplifier.num_classes)
     model = _new_model(train, seed, width)
     keep = _selector(model, val)
-    loss_b_all = amplifier.per_sample_loss(train.images, train.labels)
     ema_b, ema_d = PerSampleEMA(train.labels, alpha), PerSampleEMA(train.labels, alpha)
+    model_b, gen = amplifier.model.train(), torch.Generator().manual_seed(seed + 30_000)
 
     def step(idx: torch.Tensor) -> torch.Tensor:
-        y = train.labels[idx]
-        ce_d = F.cross_entropy(model(train.images[idx]), y, reduction="none")
-        w = _lff_weights(loss_b_all[idx], ce_d.detach(), idx, y, ema_b, ema_d)
-        return (ce_d * w).mean()
+        x, y = train.images[idx], train.labels[idx]
+        own = torch.randint(bias_labels.numel(), (idx.numel(),), generator=gen)
+        ce_d = F.cross_entropy(model(x), y, reduction="none")
+        with torch.no_grad():
+            ce_b = F.cross_entropy(model_b(x), y, reduction="none")
+        w = _lff_weights(ce_b, ce_d.detach(), idx, y, ema_b, ema_d)
+        return amplifier.loss(model_b(bias_images[own]), bias_labels[own]) + (ce_d * w).mean()
 
-    run_epochs(step, model.parameters(), len(train), config, seed=seed, on_epoch=keep)
+    run_epochs(step, list(model.parameters()) + list(model_b.parameters()), len(train), config, seed=seed,
+               on_epoch=keep)
+    model_b.eval()
     return keep.restore()
 
 

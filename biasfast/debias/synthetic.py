@@ -6,8 +6,10 @@ class (p = 0.1), and sampled by biasfast.sample through the fused CFG step. Imag
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -20,17 +22,18 @@ from biasfast.schedules import NoiseSchedule
 class SyntheticConfig:
     """Generator settings. guidance_scale uses diffusers' convention s = 1 + w (Ho & Salimans' w)."""
 
-    per_class: int = 1000
+    per_class: int = 400
     guidance_scale: float = 2.0
     label_dropout: float = 0.1
     model: str = "unet"
     model_options: tuple[tuple[str, object], ...] = (("base_channels", 16),)
-    train_steps: int = 1000
+    train_steps: int = 800
     batch_size: int = 128
     lr: float = 1e-3
     schedule: str = "linear"
     num_timesteps: int = 1000
-    sampling_steps: int = 25
+    sampling_steps: int = 10
+    sampling_batch: int = 1000
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -40,8 +43,9 @@ class SyntheticConfig:
             raise ValueError(f"per_class: expected a positive int, got {self.per_class!r}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"label_dropout: expected a probability in [0, 1), got {self.label_dropout}")
-        if self.train_steps < 1 or self.sampling_steps < 1:
-            raise ValueError(f"train_steps, sampling_steps: must be >= 1, got {self.train_steps}, {self.sampling_steps}")
+        if self.train_steps < 1 or self.sampling_steps < 1 or self.sampling_batch < 1:
+            raise ValueError("train_steps, sampling_steps, sampling_batch: must be >= 1, got "
+                             f"{self.train_steps}, {self.sampling_steps}, {self.sampling_batch}")
 
     @classmethod
     def quick(cls) -> "SyntheticConfig":
@@ -88,15 +92,22 @@ def generate(
     labels = torch.arange(NUM_CLASSES).repeat_interleave(config.per_class)
     x = biasfast.sample(model, (labels.numel(), *image_shape), schedule, steps=config.sampling_steps,
                         guidance_scale=config.guidance_scale, class_labels=labels, null_label=NUM_CLASSES,
-                        clip_sample=1.0, seed=seed, progress=config.progress)
+                        clip_sample=1.0, seed=seed, batch_size=config.sampling_batch,
+                        progress=config.progress)
     return ((x.clamp(-1, 1) + 1) / 2).float(), labels
 
 
 class DiffusionSource:
-    """The benchmark's synthetic source: trains a generator on data.train and samples it (per seed)."""
+    """The benchmark's synthetic source: trains a generator on data.train and samples it (per ratio and seed).
 
-    def __init__(self, config: SyntheticConfig = SyntheticConfig(), log: Callable[[str], None] = print) -> None:
-        self.config, self.log = config, log
+    With `cache_dir`, the synthetic images of each (ratio, seed, generator config) are saved there and reused by
+    later runs (the generator is the most expensive step of the benchmark)."""
+
+    def __init__(
+        self, config: SyntheticConfig = SyntheticConfig(), log: Callable[[str], None] = print,
+        cache_dir: Path | None = None,
+    ) -> None:
+        self.config, self.log, self.cache_dir = config, log, cache_dir
 
     @property
     def description(self) -> str:
@@ -106,10 +117,25 @@ class DiffusionSource:
                 f"T = {c.num_timesteps}), {c.per_class} images per class, DDIM {c.sampling_steps} steps at "
                 f"guidance scale {c.guidance_scale} (diffusers convention).")
 
+    def cache_path(self, data: ColoredDigits, seed: int) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        key = hashlib.sha256(repr((replace(self.config, progress=False), data.ratio, data.seed, seed,
+                                   tuple(data.train.images.shape))).encode()).hexdigest()[:16]
+        return Path(self.cache_dir) / f"synthetic-r{data.ratio}-s{seed}-{key}.pt"
+
     def __call__(self, data: ColoredDigits, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        path = self.cache_path(data, seed)
+        if path is not None and path.exists():
+            images, labels = torch.load(path)
+            self.log(f"  synthetic: {labels.numel()} images from {path}")
+            return images, labels
         start = time.perf_counter()
         model, schedule = train_conditional_diffusion(data.train.images, data.train.labels, self.config, seed=seed,
                                                       log=self.log)
         images, labels = generate(model, schedule, tuple(data.train.images.shape[1:]), self.config, seed=seed)
         self.log(f"  synthetic: {labels.numel()} images in {time.perf_counter() - start:.0f}s")
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save((images, labels), path)
         return images, labels

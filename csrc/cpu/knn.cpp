@@ -22,6 +22,7 @@
 #include "cpu/knn_common.h"
 #include "cpu/knn_fused.h"
 #include "cpu/knn_gemm.h"
+#include "cpu/knn_packed.h"
 
 namespace biasfast {
 namespace {
@@ -183,7 +184,7 @@ class ExactSearch {
 
   void scan() {
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (d_ <= kFusedMaxDim && cpu_has_avx2_fma()) return scan_fused();
+      if (cpu_has_avx2_fma()) return d_ <= kFusedMaxDim ? scan_fused() : scan_packed();
     }
     scan_gemm();
   }
@@ -220,6 +221,70 @@ class ExactSearch {
         }
       });
     }
+    max_ref_norm_ = std::sqrt(max_sq);
+  }
+
+  // Large d: cache-blocked packed micro-kernels fused with the selection (knn_packed.h), parallel over query
+  // blocks, or over reference ranges (one set of heaps per range, merged at the end) when queries are few.
+  void scan_packed() {
+    const int64_t threads = at::get_num_threads();
+    const int64_t qblocks = (nq_ + kMc - 1) / kMc;
+    const int64_t lanes = qblocks < threads ? threads : 1;
+    at::Tensor qpanels = at::empty({(nq_ + kRows - 1) / kRows * kRows * d_}, at::kFloat);
+    pack_query_panels(reinterpret_cast<const float*>(qpacked_.data_ptr<scalar_t>()), nq_, d_,
+                      qpanels.data_ptr<float>());
+    const int64_t cbuf = kMc * kNc;
+    const int64_t budget = std::max<int64_t>(workspace_bytes_ / 4 - threads * cbuf, 0);
+    const int64_t ref_rows = (ref_.rows + kPanel - 1) / kPanel * kPanel;
+    const int64_t tile = std::min({std::max(budget / (2 * d_ + 2) / kPanel * kPanel, kPanel), int64_t{8192}, ref_rows});
+    at::Tensor workspace = at::empty({2 * tile * d_ + 2 * tile + threads * cbuf}, at::kFloat);
+    float* rows = workspace.data_ptr<float>();
+    float* norms = rows + tile * d_;
+    float* panels = norms + tile;
+    float* panel_norms = panels + tile * d_;
+    float* cbufs = panel_norms + tile;
+    // Lane 0 fills the result heaps; further lanes (reference split only) their own, merged below.
+    std::vector<Entry<float>> lane_heaps((lanes - 1) * nq_ * candidates_);
+    std::vector<int64_t> lane_sizes((lanes - 1) * nq_, 0);
+    auto block_of = [&](int64_t lane, int64_t i0) {
+      Entry<float>* heaps = lane == 0 ? reinterpret_cast<Entry<float>*>(heaps_.data())
+                                      : lane_heaps.data() + (lane - 1) * nq_ * candidates_;
+      int64_t* sizes = lane == 0 ? heap_sizes_.data() : lane_sizes.data() + (lane - 1) * nq_;
+      return QueryBlock{qpanels.data_ptr<float>() + i0 * d_, i0, std::min(kMc, nq_ - i0),
+                        heaps + i0 * candidates_, sizes + i0, candidates_, exclude_self_};
+    };
+    double max_sq = 0;
+    for (int64_t j0 = 0; j0 < ref_.rows; j0 += tile) {
+      const int64_t nr = std::min(tile, ref_.rows - j0), padded = (nr + kPanel - 1) / kPanel * kPanel;
+      pack_ref_tile(j0, nr, reinterpret_cast<scalar_t*>(rows), reinterpret_cast<scalar_t*>(norms), &max_sq);
+      at::parallel_for(0, padded / kPanel, 16, [&](int64_t begin, int64_t end) {
+        const int64_t r0 = begin * kPanel;
+        pack_panels(rows + r0 * d_, norms + r0, std::min(end * kPanel, nr) - r0, d_, panels + r0 * d_,
+                    panel_norms + r0);
+      });
+      const int64_t base = j0 + offset_;
+      if (lanes == 1) {
+        at::parallel_for(0, qblocks, 1, [&](int64_t begin, int64_t end) {
+          float* cbuf_t = cbufs + at::get_thread_num() * cbuf;
+          for (int64_t b = begin; b < end; ++b)
+            packed_scan_block(block_of(0, b * kMc), panels, panel_norms, 0, padded, d_, base, cbuf_t);
+        });
+      } else {
+        const int64_t share = (padded / kPanel + lanes - 1) / lanes * kPanel;
+        at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
+          float* cbuf_t = cbufs + at::get_thread_num() * cbuf;
+          for (int64_t lane = begin; lane < end; ++lane) {
+            const int64_t r0 = std::min(lane * share, padded), r1 = std::min(r0 + share, padded);
+            for (int64_t b = 0; b < qblocks; ++b)
+              packed_scan_block(block_of(lane, b * kMc), panels, panel_norms, r0, r1, d_, base, cbuf_t);
+          }
+        });
+      }
+    }
+    for (int64_t lane = 1; lane < lanes; ++lane)
+      merge_heaps(reinterpret_cast<Entry<float>*>(heaps_.data()), heap_sizes_.data(),
+                  lane_heaps.data() + (lane - 1) * nq_ * candidates_, lane_sizes.data() + (lane - 1) * nq_, nq_,
+                  candidates_);
     max_ref_norm_ = std::sqrt(max_sq);
   }
 

@@ -33,6 +33,32 @@ inline void pack_panels(const float* rows, const float* norms, int64_t n, int64_
   }
 }
 
+// Compare a finished 6 × 16 register tile of inner products, as ‖y‖² − 2·x·y, with the queries' thresholds
+// thr[r] (kept up to date) and push the values that beat them; references base .. base + 15, in index order.
+__attribute__((target("avx2,fma"))) inline void select_tile_6x16(const __m256 (&acc)[kRows][2], const float* norms,
+                                                                   int64_t rows, int64_t base, const int64_t* self,
+                                                                   HeapView<float>* heaps, float* thr) {
+  const __m256 minus2 = _mm256_set1_ps(-2.0f);
+  const __m256 n0 = _mm256_loadu_ps(norms), n1 = _mm256_loadu_ps(norms + 8);
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m256 v0 = _mm256_fmadd_ps(minus2, acc[r][0], n0), v1 = _mm256_fmadd_ps(minus2, acc[r][1], n1);
+    const __m256 th = _mm256_set1_ps(thr[r]);
+    const int mask = _mm256_movemask_ps(_mm256_cmp_ps(v0, th, _CMP_LT_OQ)) |
+                     (_mm256_movemask_ps(_mm256_cmp_ps(v1, th, _CMP_LT_OQ)) << 8);
+    if (mask == 0) continue;
+    alignas(32) float values[kPanel];
+    _mm256_store_ps(values, v0);
+    _mm256_store_ps(values + 8, v1);
+    for (int lane = 0; lane < static_cast<int>(kPanel); ++lane) {
+      const int64_t j = base + lane;
+      if ((mask >> lane & 1) && values[lane] < thr[r] && j != self[r]) {
+        heaps[r].push({values[lane], j});
+        thr[r] = heaps[r].threshold();
+      }
+    }
+  }
+}
+
 // For queries q[0..rows) (row-major, stride d) and every panel: push ‖y‖² − 2·x·y into the queries' heaps.
 __attribute__((target("avx2,fma"))) inline void fused_scan_6x16(const float* const* q, int64_t rows,
                                                                   const float* panels, const float* norms,
@@ -40,7 +66,6 @@ __attribute__((target("avx2,fma"))) inline void fused_scan_6x16(const float* con
                                                                   const int64_t* self, HeapView<float>* heaps) {
   float thr[kRows];
   for (int64_t r = 0; r < kRows; ++r) thr[r] = r < rows ? heaps[r].threshold() : -std::numeric_limits<float>::infinity();
-  const __m256 minus2 = _mm256_set1_ps(-2.0f);
   for (int64_t p = 0; p < panels_count; ++p) {
     const float* b = panels + p * d * kPanel;
     __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
@@ -62,25 +87,8 @@ __attribute__((target("avx2,fma"))) inline void fused_scan_6x16(const float* con
       a = _mm256_broadcast_ss(q[5] + t);
       c50 = _mm256_fmadd_ps(a, b0, c50), c51 = _mm256_fmadd_ps(a, b1, c51);
     }
-    const __m256 n0 = _mm256_loadu_ps(norms + p * kPanel), n1 = _mm256_loadu_ps(norms + p * kPanel + 8);
     const __m256 acc[kRows][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-    for (int64_t r = 0; r < rows; ++r) {
-      const __m256 v0 = _mm256_fmadd_ps(minus2, acc[r][0], n0), v1 = _mm256_fmadd_ps(minus2, acc[r][1], n1);
-      const __m256 th = _mm256_set1_ps(thr[r]);
-      const int mask = _mm256_movemask_ps(_mm256_cmp_ps(v0, th, _CMP_LT_OQ)) |
-                       (_mm256_movemask_ps(_mm256_cmp_ps(v1, th, _CMP_LT_OQ)) << 8);
-      if (mask == 0) continue;
-      alignas(32) float values[kPanel];
-      _mm256_store_ps(values, v0);
-      _mm256_store_ps(values + 8, v1);
-      for (int lane = 0; lane < static_cast<int>(kPanel); ++lane) {
-        const int64_t j = base + p * kPanel + lane;
-        if ((mask >> lane & 1) && values[lane] < thr[r] && j != self[r]) {
-          heaps[r].push({values[lane], j});
-          thr[r] = heaps[r].threshold();
-        }
-      }
-    }
+    select_tile_6x16(acc, norms + p * kPanel, rows, base + p * kPanel, self, heaps, thr);
   }
 }
 

@@ -81,22 +81,30 @@ int64_t first_non_finite_row(const double* rows, int64_t n, int64_t d) {
   return -1;
 }
 
+// Σ diff(t)² over t < d in float64, in four interleaved partial sums (vectorised; no single latency chain).
+template <typename Diff>
+inline double sum_of_squares(int64_t d, Diff diff) {
+  double acc[4] = {0, 0, 0, 0};
+  int64_t t = 0;
+  for (; t + 4 <= d; t += 4) {
+    for (int u = 0; u < 4; ++u) {
+      const double v = diff(t + u);
+      acc[u] += v * v;
+    }
+  }
+  for (; t < d; ++t) {
+    const double v = diff(t);
+    acc[0] += v * v;
+  }
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
 // Exact distance (in transformed squared-L2 units) between two rows given in float64.
 inline double exact_distance(const double* x, const RowTransform& tx, const double* y, const RowTransform& ty,
                              int64_t d) {
-  double acc = 0;
-  if (tx.shift == 0.0 && ty.shift == 0.0 && tx.norm == 1.0 && ty.norm == 1.0) {
-    for (int64_t t = 0; t < d; ++t) {
-      const double diff = x[t] - y[t];
-      acc += diff * diff;
-    }
-    return acc;
-  }
-  for (int64_t t = 0; t < d; ++t) {
-    const double diff = (x[t] - tx.shift) / tx.norm - (y[t] - ty.shift) / ty.norm;
-    acc += diff * diff;
-  }
-  return acc;
+  if (tx.shift == 0.0 && ty.shift == 0.0 && tx.norm == 1.0 && ty.norm == 1.0)
+    return sum_of_squares(d, [&](int64_t t) { return x[t] - y[t]; });
+  return sum_of_squares(d, [&](int64_t t) { return (x[t] - tx.shift) / tx.norm - (y[t] - ty.shift) / ty.norm; });
 }
 
 template <typename scalar_t, typename ref_t>
@@ -182,6 +190,19 @@ class ExactSearch {
     for (double m : max_norms) *max_norm = std::max(*max_norm, m);
   }
 
+  // A tile's rows as 16-reference panels blocked by `step` features (pack_blocked) and their norms (+inf for
+  // the padding rows), over the threads; returns the padded row count.
+  int64_t pack_ref_panels(const float* rows, const float* norms, int64_t n, int64_t step, float* panels,
+                          float* panel_norms) {
+    const int64_t padded = (n + kPanel - 1) / kPanel * kPanel;
+    at::parallel_for(0, padded / kPanel, 16, [&](int64_t begin, int64_t end) {
+      pack_blocked<kPanel>(rows, n, d_, step, padded, begin * kPanel, end * kPanel, panels);
+      for (int64_t i = begin * kPanel; i < end * kPanel; ++i)
+        panel_norms[i] = i < n ? norms[i] : std::numeric_limits<float>::infinity();
+    });
+    return padded;
+  }
+
   void scan() {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (cpu_has_avx2_fma()) return d_ <= kFusedMaxDim ? scan_fused() : scan_packed();
@@ -203,7 +224,7 @@ class ExactSearch {
     for (int64_t j0 = 0; j0 < ref_.rows; j0 += tile) {
       const int64_t nr = std::min(tile, ref_.rows - j0);
       pack_ref_tile(j0, nr, reinterpret_cast<scalar_t*>(rows), reinterpret_cast<scalar_t*>(norms), &max_sq);
-      pack_panels(rows, norms, nr, d_, panels, panel_norms);
+      pack_ref_panels(rows, norms, nr, d_, panels, panel_norms);
       at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t block = begin; block < end; ++block) {
           const int64_t i0 = block * kRows, count = std::min(kRows, nq_ - i0);
@@ -230,9 +251,10 @@ class ExactSearch {
     const int64_t threads = at::get_num_threads();
     const int64_t qblocks = (nq_ + kMc - 1) / kMc;
     const int64_t lanes = qblocks < threads ? threads : 1;
-    at::Tensor qpanels = at::empty({(nq_ + kRows - 1) / kRows * kRows * d_}, at::kFloat);
-    pack_query_panels(reinterpret_cast<const float*>(qpacked_.data_ptr<scalar_t>()), nq_, d_,
-                      qpanels.data_ptr<float>());
+    const int64_t step = depth_step(d_), qpadded = (nq_ + kRows - 1) / kRows * kRows;
+    at::Tensor qpanels = at::empty({qpadded * d_}, at::kFloat);
+    pack_blocked<kRows>(reinterpret_cast<const float*>(qpacked_.data_ptr<scalar_t>()), nq_, d_, step, qpadded, 0,
+                        qpadded, qpanels.data_ptr<float>());
     const int64_t cbuf = kMc * kNc;
     const int64_t budget = std::max<int64_t>(workspace_bytes_ / 4 - threads * cbuf, 0);
     const int64_t ref_rows = (ref_.rows + kPanel - 1) / kPanel * kPanel;
@@ -250,24 +272,20 @@ class ExactSearch {
       Entry<float>* heaps = lane == 0 ? reinterpret_cast<Entry<float>*>(heaps_.data())
                                       : lane_heaps.data() + (lane - 1) * nq_ * candidates_;
       int64_t* sizes = lane == 0 ? heap_sizes_.data() : lane_sizes.data() + (lane - 1) * nq_;
-      return QueryBlock{qpanels.data_ptr<float>() + i0 * d_, i0, std::min(kMc, nq_ - i0),
+      return QueryBlock{qpanels.data_ptr<float>(), qpadded, i0, std::min(kMc, nq_ - i0),
                         heaps + i0 * candidates_, sizes + i0, candidates_, exclude_self_};
     };
     double max_sq = 0;
     for (int64_t j0 = 0; j0 < ref_.rows; j0 += tile) {
-      const int64_t nr = std::min(tile, ref_.rows - j0), padded = (nr + kPanel - 1) / kPanel * kPanel;
+      const int64_t nr = std::min(tile, ref_.rows - j0);
       pack_ref_tile(j0, nr, reinterpret_cast<scalar_t*>(rows), reinterpret_cast<scalar_t*>(norms), &max_sq);
-      at::parallel_for(0, padded / kPanel, 16, [&](int64_t begin, int64_t end) {
-        const int64_t r0 = begin * kPanel;
-        pack_panels(rows + r0 * d_, norms + r0, std::min(end * kPanel, nr) - r0, d_, panels + r0 * d_,
-                    panel_norms + r0);
-      });
+      const int64_t padded = pack_ref_panels(rows, norms, nr, step, panels, panel_norms);
       const int64_t base = j0 + offset_;
       if (lanes == 1) {
         at::parallel_for(0, qblocks, 1, [&](int64_t begin, int64_t end) {
           float* cbuf_t = cbufs + at::get_thread_num() * cbuf;
           for (int64_t b = begin; b < end; ++b)
-            packed_scan_block(block_of(0, b * kMc), panels, panel_norms, 0, padded, d_, base, cbuf_t);
+            packed_scan_block(block_of(0, b * kMc), panels, panel_norms, padded, 0, padded, d_, base, cbuf_t);
         });
       } else {
         const int64_t share = (padded / kPanel + lanes - 1) / lanes * kPanel;
@@ -276,7 +294,7 @@ class ExactSearch {
           for (int64_t lane = begin; lane < end; ++lane) {
             const int64_t r0 = std::min(lane * share, padded), r1 = std::min(r0 + share, padded);
             for (int64_t b = 0; b < qblocks; ++b)
-              packed_scan_block(block_of(lane, b * kMc), panels, panel_norms, r0, r1, d_, base, cbuf_t);
+              packed_scan_block(block_of(lane, b * kMc), panels, panel_norms, padded, r0, r1, d_, base, cbuf_t);
           }
         });
       }

@@ -31,17 +31,10 @@ constexpr int64_t kKc = 256;  // features per depth block
 constexpr int64_t kMc = 144;  // queries per query block (a multiple of kRows)
 constexpr int64_t kNc = 1024;  // references per reference block (a multiple of kPanel)
 
-// Repack row-major queries (n × d) into 6-row panels out[(b·d + t)·6 + r]; missing rows are zeros.
-inline void pack_query_panels(const float* rows, int64_t n, int64_t d, float* out) {
-  const int64_t blocks = (n + kRows - 1) / kRows;
-  for (int64_t b = 0; b < blocks; ++b) {
-    for (int64_t t = 0; t < d; ++t) {
-      for (int64_t r = 0; r < kRows; ++r) {
-        const int64_t i = b * kRows + r;
-        out[(b * d + t) * kRows + r] = i < n ? rows[i * d + t] : 0.0f;
-      }
-    }
-  }
+// Features per depth block for feature size d: blocks of at most kKc, all of (nearly) equal size.
+inline int64_t depth_step(int64_t d) {
+  const int64_t blocks = (d + kKc - 1) / kKc;
+  return (d + blocks - 1) / blocks;
 }
 
 // One 6 × 16 tile over one depth block: a = [kc][6] query panel, b = [kc][16] reference panel, c = [6][16] partial
@@ -55,6 +48,7 @@ __attribute__((target("avx2,fma"))) inline void packed_tile_6x16(const float* a,
          c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
          c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
          c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+#pragma GCC unroll 4
   for (int64_t t = 0; t < kc; ++t) {
     const __m256 b0 = _mm256_loadu_ps(b + t * kPanel), b1 = _mm256_loadu_ps(b + t * kPanel + 8);
     const float* at = a + t * kRows;
@@ -93,7 +87,8 @@ __attribute__((target("avx2,fma"))) inline void packed_tile_6x16(const float* a,
 // Where one block of queries finds its inputs and heaps. Query i of the block is global query i0 + i; its heap is
 // heaps + i · capacity (sizes[i]); with exclude_self it must skip reference i0 + i.
 struct QueryBlock {
-  const float* panels;  // the block's 6-row panels, [block][d][6]
+  const float* panels;  // all queries' 6-row panels, pack_blocked<kRows> with depth_step(d)
+  int64_t padded;       // query rows in all, a multiple of kRows
   int64_t i0, count;
   Entry<float>* heaps;
   int64_t* sizes;
@@ -101,22 +96,24 @@ struct QueryBlock {
   bool exclude_self;
 };
 
-// Feed references [r0, r1) of the packed tile (panels [p][d][16], norms; r0, r1 multiples of kPanel, global index
-// of tile row 0 = base) to every query of the block. cbuf holds kMc × kNc floats of partial sums.
+// Feed references [r0, r1) of the packed tile (pack_blocked<kPanel> with depth_step(d), `padded` rows, and their
+// norms; r0, r1 multiples of kPanel, global index of tile row 0 = base) to every query of the block.
+// cbuf holds kMc × kNc floats of partial sums.
 __attribute__((target("avx2,fma"))) inline void packed_scan_block(const QueryBlock& q, const float* panels,
-                                                                    const float* norms, int64_t r0, int64_t r1,
-                                                                    int64_t d, int64_t base, float* cbuf) {
+                                                                    const float* norms, int64_t padded, int64_t r0,
+                                                                    int64_t r1, int64_t d, int64_t base, float* cbuf) {
   const int64_t qpanels = (q.count + kRows - 1) / kRows;
   for (int64_t j0 = r0; j0 < r1; j0 += kNc) {
     const int64_t j1 = std::min(r1, j0 + kNc);
-    for (int64_t pc = 0; pc < d; pc += kKc) {
-      const int64_t kc = std::min(kKc, d - pc);
+    const int64_t step = depth_step(d);
+    for (int64_t pc = 0; pc < d; pc += step) {
+      const int64_t kc = std::min(step, d - pc);
       const bool first = pc == 0, last = pc + kc == d;
       for (int64_t j = j0; j < j1; j += kPanel) {
-        const float* b = panels + (j / kPanel * d + pc) * kPanel;
+        const float* b = panels + pc * padded + j * kc;
         float* c = cbuf + (j - j0) * kMc;
         for (int64_t ip = 0; ip < qpanels; ++ip) {
-          const float* a = q.panels + (ip * d + pc) * kRows;
+          const float* a = q.panels + pc * q.padded + (q.i0 + ip * kRows) * kc;
           float* ct = c + ip * kRows * kPanel;
           const int64_t row0 = ip * kRows, rows = std::min(kRows, q.count - row0);
           HeapView<float> heaps[kRows];

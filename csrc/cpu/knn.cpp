@@ -160,47 +160,45 @@ class ExactSearch {
     heap_sizes_.assign(nq_, 0);
   }
 
-  // Pack one reference tile: transform to scalar_t, norms, NaN/Inf check (first bad row is global).
-  void pack_ref_tile(int64_t j0, int64_t rows, scalar_t* packed, scalar_t* norms, double* max_norm) {
+  // Pack one reference tile: transform to scalar_t, norms, NaN/Inf check (first bad row is global). The layout is
+  // that of pack_blocked: w-row panels in depth blocks of `step` features, `padded` rows (a multiple of w; the rows
+  // past `rows` are zeros with norm +inf); w = 1 with step = d is row-major.
+  void pack_ref_tile(int64_t j0, int64_t rows, int64_t w, int64_t step, int64_t padded, scalar_t* packed,
+                     scalar_t* norms, double* max_norm) {
     std::vector<int64_t> bad_rows(at::get_num_threads() + 1, std::numeric_limits<int64_t>::max());
     std::vector<double> max_norms(at::get_num_threads() + 1, 0.0);
-    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, padded / w, std::max<int64_t>(1, 64 / w), [&](int64_t begin, int64_t end) {
       std::vector<double> row(d_);
+      std::vector<scalar_t> values(d_);
       const int tid = at::get_thread_num();
-      for (int64_t r = begin; r < end; ++r) {
-        ref_.read(j0 + r, row.data());
-        if (first_non_finite_row(row.data(), 1, d_) >= 0) {
-          bad_rows[tid] = std::min(bad_rows[tid], j0 + r);
-          continue;
+      for (int64_t r = begin * w; r < end * w; ++r) {
+        if (r < rows) {
+          ref_.read(j0 + r, row.data());
+          if (first_non_finite_row(row.data(), 1, d_) >= 0) {
+            bad_rows[tid] = std::min(bad_rows[tid], j0 + r);
+            continue;
+          }
+          const RowTransform tr = row_transform(row.data(), d_, metric_, "ref", j0 + r + offset_);
+          for (int64_t t = 0; t < d_; ++t)
+            values[t] = static_cast<scalar_t>((row[t] - tr.shift - center_[t]) * tr.scale);
+          const double norm = sum_of_squares(d_, [&](int64_t t) { return static_cast<double>(values[t]); });
+          norms[r] = static_cast<scalar_t>(norm);
+          max_norms[tid] = std::max(max_norms[tid], norm);
+        } else {
+          std::fill(values.begin(), values.end(), scalar_t(0));
+          norms[r] = std::numeric_limits<scalar_t>::infinity();
         }
-        const RowTransform tr = row_transform(row.data(), d_, metric_, "ref", j0 + r + offset_);
-        double norm = 0;
-        for (int64_t t = 0; t < d_; ++t) {
-          const scalar_t v = static_cast<scalar_t>((row[t] - tr.shift - center_[t]) * tr.scale);
-          packed[r * d_ + t] = v;
-          norm += static_cast<double>(v) * static_cast<double>(v);
+        for (int64_t pc = 0; pc < d_; pc += step) {
+          const int64_t kc = std::min(step, d_ - pc);
+          scalar_t* dst = packed + pc * padded + r / w * w * kc + r % w;
+          for (int64_t t = 0; t < kc; ++t) dst[t * w] = values[pc + t];
         }
-        norms[r] = static_cast<scalar_t>(norm);
-        max_norms[tid] = std::max(max_norms[tid], norm);
       }
     });
     const int64_t bad = *std::min_element(bad_rows.begin(), bad_rows.end());
     BIASFAST_CHECK_ARG(bad == std::numeric_limits<int64_t>::max(), "ref", "contains NaN or Inf (first bad row ",
                        bad + offset_, ")");
     for (double m : max_norms) *max_norm = std::max(*max_norm, m);
-  }
-
-  // A tile's rows as 16-reference panels blocked by `step` features (pack_blocked) and their norms (+inf for
-  // the padding rows), over the threads; returns the padded row count.
-  int64_t pack_ref_panels(const float* rows, const float* norms, int64_t n, int64_t step, float* panels,
-                          float* panel_norms) {
-    const int64_t padded = (n + kPanel - 1) / kPanel * kPanel;
-    at::parallel_for(0, padded / kPanel, 16, [&](int64_t begin, int64_t end) {
-      pack_blocked<kPanel>(rows, n, d_, step, padded, begin * kPanel, end * kPanel, panels);
-      for (int64_t i = begin * kPanel; i < end * kPanel; ++i)
-        panel_norms[i] = i < n ? norms[i] : std::numeric_limits<float>::infinity();
-    });
-    return padded;
   }
 
   void scan() {
@@ -213,18 +211,15 @@ class ExactSearch {
   // Small d: register-tiled inner products fused with the selection, parallel over 6-query tiles.
   void scan_fused() {
     const int64_t tile = std::clamp<int64_t>((256 * 1024 / (d_ * 4)) / kPanel * kPanel, kPanel, 4096);
-    const int64_t padded = tile + kPanel;
-    at::Tensor workspace = at::empty({tile * d_ + tile + padded * d_ + padded}, at::kFloat);
-    float* rows = workspace.data_ptr<float>();
-    float* norms = rows + tile * d_;
-    float* panels = norms + tile;
-    float* panel_norms = panels + padded * d_;
+    at::Tensor workspace = at::empty({tile * d_ + tile}, at::kFloat);
+    float* panels = workspace.data_ptr<float>();
+    float* panel_norms = panels + tile * d_;
     double max_sq = 0;
     const int64_t blocks = (nq_ + kRows - 1) / kRows;
     for (int64_t j0 = 0; j0 < ref_.rows; j0 += tile) {
       const int64_t nr = std::min(tile, ref_.rows - j0);
-      pack_ref_tile(j0, nr, reinterpret_cast<scalar_t*>(rows), reinterpret_cast<scalar_t*>(norms), &max_sq);
-      pack_ref_panels(rows, norms, nr, d_, panels, panel_norms);
+      pack_ref_tile(j0, nr, kPanel, d_, (nr + kPanel - 1) / kPanel * kPanel, reinterpret_cast<scalar_t*>(panels),
+                    reinterpret_cast<scalar_t*>(panel_norms), &max_sq);
       at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t block = begin; block < end; ++block) {
           const int64_t i0 = block * kRows, count = std::min(kRows, nq_ - i0);
@@ -258,11 +253,10 @@ class ExactSearch {
     const int64_t cbuf = kMc * kNc;
     const int64_t budget = std::max<int64_t>(workspace_bytes_ / 4 - threads * cbuf, 0);
     const int64_t ref_rows = (ref_.rows + kPanel - 1) / kPanel * kPanel;
-    const int64_t tile = std::min({std::max(budget / (2 * d_ + 2) / kPanel * kPanel, kPanel), int64_t{8192}, ref_rows});
-    at::Tensor workspace = at::empty({2 * tile * d_ + 2 * tile + threads * cbuf}, at::kFloat);
-    float* rows = workspace.data_ptr<float>();
-    float* norms = rows + tile * d_;
-    float* panels = norms + tile;
+    const int64_t l3_rows = std::max<int64_t>(kTileBytes / (4 * d_), kNc) / kPanel * kPanel;
+    const int64_t tile = std::min({std::max(budget / (d_ + 1) / kPanel * kPanel, kPanel), l3_rows, ref_rows});
+    at::Tensor workspace = at::empty({tile * d_ + tile + threads * cbuf}, at::kFloat);
+    float* panels = workspace.data_ptr<float>();
     float* panel_norms = panels + tile * d_;
     float* cbufs = panel_norms + tile;
     // Lane 0 fills the result heaps; further lanes (reference split only) their own, merged below.
@@ -278,8 +272,9 @@ class ExactSearch {
     double max_sq = 0;
     for (int64_t j0 = 0; j0 < ref_.rows; j0 += tile) {
       const int64_t nr = std::min(tile, ref_.rows - j0);
-      pack_ref_tile(j0, nr, reinterpret_cast<scalar_t*>(rows), reinterpret_cast<scalar_t*>(norms), &max_sq);
-      const int64_t padded = pack_ref_panels(rows, norms, nr, step, panels, panel_norms);
+      const int64_t padded = (nr + kPanel - 1) / kPanel * kPanel;
+      pack_ref_tile(j0, nr, kPanel, step, padded, reinterpret_cast<scalar_t*>(panels),
+                    reinterpret_cast<scalar_t*>(panel_norms), &max_sq);
       const int64_t base = j0 + offset_;
       if (lanes == 1) {
         at::parallel_for(0, qblocks, 1, [&](int64_t begin, int64_t end) {
@@ -316,7 +311,7 @@ class ExactSearch {
     double max_sq = 0;
     for (int64_t j0 = 0; j0 < ref_.rows; j0 += plan.ref_tile) {
       const int64_t nr = std::min(plan.ref_tile, ref_.rows - j0);
-      pack_ref_tile(j0, nr, packed, norms, &max_sq);
+      pack_ref_tile(j0, nr, 1, d_, nr, packed, norms, &max_sq);
       for (int64_t i0 = 0; i0 < nq_; i0 += plan.query_tile) {
         const int64_t nq = std::min(plan.query_tile, nq_ - i0);
         inner_products(qpacked_.data_ptr<scalar_t>() + i0 * d_, packed, ip, nq, nr, d_);

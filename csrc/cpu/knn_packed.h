@@ -4,18 +4,19 @@
 // d-long block per register tile, so it runs from L2/L3 and stalls; calling the BLAS per tile (at::mm, MKL) is slow
 // on this AMD CPU and needs an nq_tile × nr_tile product in memory plus a second pass for the selection.
 //
-// Design (BLIS-style, but both operands are packed once, so there is no per-block packing):
-// - queries are packed in 6-row panels [t][6], references (one workspace tile at a time) in 16-row panels [t][16]
-//   with norms (padding rows: zeros, norm +inf);
+// Design (BLIS-style, but both operands are packed once per search / per tile, so there is no per-block packing):
+// - queries are packed once in 6-row panels, references one workspace tile at a time (≤ kTileBytes, so the tile
+//   stays in L3 while every query block passes over it) in 16-row panels with norms (padding rows: zeros, norm
+//   +inf); both layouts are blocked by depth (pack_blocked), so each (panel, depth block) is one contiguous stream;
 // - loops, outermost first: query block (kMc queries, one per parallel task) → reference block (kNc refs) →
-//   depth block (kKc features) → 16-reference panel → 6-query panel → 6 × 16 register micro-kernel over kKc;
-//   the A block (kMc × kKc, ≈ 144 KB) stays in L2, one B micro-panel (kKc × 16, 16 KB) in L1 across the 6-query
-//   panels, the B block (kKc × kNc, 1 MB) in L3;
-// - partial sums of a 6 × 16 tile live in a per-thread kMc × kNc buffer (L2/L3) between depth blocks; the LAST
-//   depth block adds them to its registers and feeds ‖y‖² − 2·x·y straight into the running top-k selection
+//   depth block (≤ kKc features, equal sizes) → 16-reference panel → 6-query panel → 6 × 16 register micro-kernel;
+//   the A block (kMc × kc, ≈ 144 KB) stays in L2, one B micro-panel (kc × 16, 16 KB) in L1 across the 6-query
+//   panels, the B block (kc × kNc, 1 MB) in L3;
+// - partial sums of a 6 × 16 tile live in a per-thread kMc × kNc buffer between depth blocks; the LAST depth
+//   block adds them to its registers and feeds ‖y‖² − 2·x·y straight into the running top-k selection
 //   (select_tile_6x16, thresholds in registers): no nq × nr (or tile × tile) matrix is ever written.
-// Few queries (fewer query blocks than threads): the reference blocks are split among threads instead, each
-// thread with its own heaps, merged at the end (merge_heaps).
+// Few queries (fewer query blocks than threads): the reference range of each tile is split among threads
+// instead, each with its own heaps, merged at the end (merge_heaps).
 #pragma once
 #include <immintrin.h>
 
@@ -30,6 +31,7 @@ namespace biasfast {
 constexpr int64_t kKc = 256;  // features per depth block
 constexpr int64_t kMc = 144;  // queries per query block (a multiple of kRows)
 constexpr int64_t kNc = 1024;  // references per reference block (a multiple of kPanel)
+constexpr int64_t kTileBytes = 8 << 20;  // packed references per workspace tile, at most (shared L3: 32 MB)
 
 // Features per depth block for feature size d: blocks of at most kKc, all of (nearly) equal size.
 inline int64_t depth_step(int64_t d) {

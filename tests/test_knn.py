@@ -277,6 +277,11 @@ def test_nan_and_inf_name_the_tensor_and_first_bad_row():
         biasfast.knn(query, ref)
     with pytest.raises(ValueError, match=r"ref.*NaN or Inf \(first bad row 2100\)"):
         biasfast.knn(query, iter([ref[:2000], ref[2000:]]))
+    wide = torch.randn(3000, 300)  # the packed path: reference ranges split among threads
+    wide[2500, 7] = float("nan")
+    wide[900, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"ref.*NaN or Inf \(first bad row 900\)"):
+        biasfast.knn(torch.randn(4, 300), wide)
     query[2, 2] = float("inf")
     with pytest.raises(ValueError, match=r"query.*NaN or Inf \(first bad row 2\)"):
         biasfast.knn(query, ref[:10])

@@ -162,8 +162,9 @@ class ExactSearch {
 
   // Pack one reference tile: transform to scalar_t, norms, NaN/Inf check (first bad row is global). The layout is
   // that of pack_blocked: w-row panels in depth blocks of `step` features, `padded` rows (a multiple of w; the rows
-  // past `rows` are zeros with norm +inf); w = 1 with step = d is row-major.
-  void pack_ref_tile(int64_t j0, int64_t rows, int64_t w, int64_t step, int64_t padded, scalar_t* packed,
+  // past `rows` are zeros with norm +inf); w = 1 with step = d is row-major. Returns the first row (local index
+  // + j0) holding NaN/Inf, or −1; the caller reports it (check_ref_rows).
+  int64_t pack_ref_tile(int64_t j0, int64_t rows, int64_t w, int64_t step, int64_t padded, scalar_t* packed,
                      scalar_t* norms, double* max_norm) {
     std::vector<int64_t> bad_rows(at::get_num_threads() + 1, std::numeric_limits<int64_t>::max());
     std::vector<double> max_norms(at::get_num_threads() + 1, 0.0);
@@ -195,10 +196,13 @@ class ExactSearch {
         }
       }
     });
-    const int64_t bad = *std::min_element(bad_rows.begin(), bad_rows.end());
-    BIASFAST_CHECK_ARG(bad == std::numeric_limits<int64_t>::max(), "ref", "contains NaN or Inf (first bad row ",
-                       bad + offset_, ")");
     for (double m : max_norms) *max_norm = std::max(*max_norm, m);
+    const int64_t bad = *std::min_element(bad_rows.begin(), bad_rows.end());
+    return bad == std::numeric_limits<int64_t>::max() ? -1 : bad;
+  }
+
+  void check_ref_rows(int64_t bad) const {
+    BIASFAST_CHECK_ARG(bad < 0, "ref", "contains NaN or Inf (first bad row ", bad + offset_, ")");
   }
 
   void scan() {
@@ -218,8 +222,8 @@ class ExactSearch {
     const int64_t blocks = (nq_ + kRows - 1) / kRows;
     for (int64_t j0 = 0; j0 < ref_.rows; j0 += tile) {
       const int64_t nr = std::min(tile, ref_.rows - j0);
-      pack_ref_tile(j0, nr, kPanel, d_, (nr + kPanel - 1) / kPanel * kPanel, reinterpret_cast<scalar_t*>(panels),
-                    reinterpret_cast<scalar_t*>(panel_norms), &max_sq);
+      check_ref_rows(pack_ref_tile(j0, nr, kPanel, d_, (nr + kPanel - 1) / kPanel * kPanel,
+                                   reinterpret_cast<scalar_t*>(panels), reinterpret_cast<scalar_t*>(panel_norms), &max_sq));
       at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t block = begin; block < end; ++block) {
           const int64_t i0 = block * kRows, count = std::min(kRows, nq_ - i0);
@@ -240,28 +244,29 @@ class ExactSearch {
     max_ref_norm_ = std::sqrt(max_sq);
   }
 
-  // Large d: cache-blocked packed micro-kernels fused with the selection (knn_packed.h), parallel over query
-  // blocks, or over reference ranges (one set of heaps per range, merged at the end) when queries are few.
+  // Large d: cache-blocked packed micro-kernels fused with the selection (knn_packed.h). Normally one lane per
+  // thread, each owning a contiguous reference range, its own tiles and heaps (merged at the end): one parallel
+  // region, no barrier per tile. With few references and many queries: one lane, parallel over query blocks.
   void scan_packed() {
     const int64_t threads = at::get_num_threads();
     const int64_t qblocks = (nq_ + kMc - 1) / kMc;
-    const int64_t lanes = qblocks < threads ? threads : 1;
+    const int64_t lanes = qblocks < threads || ref_.rows >= threads * kNc
+                              ? std::min(threads, (ref_.rows + kPanel - 1) / kPanel) : 1;
     const int64_t step = depth_step(d_), qpadded = (nq_ + kRows - 1) / kRows * kRows;
     at::Tensor qpanels = at::empty({qpadded * d_}, at::kFloat);
     pack_blocked<kRows>(reinterpret_cast<const float*>(qpacked_.data_ptr<scalar_t>()), nq_, d_, step, qpadded, 0,
                         qpadded, qpanels.data_ptr<float>());
     const int64_t cbuf = kMc * kNc;
-    const int64_t budget = std::max<int64_t>(workspace_bytes_ / 4 - threads * cbuf, 0);
-    const int64_t ref_rows = (ref_.rows + kPanel - 1) / kPanel * kPanel;
+    const int64_t budget = std::max<int64_t>(workspace_bytes_ / 4 - threads * cbuf, 0) / lanes;
+    const int64_t share = ((ref_.rows + lanes - 1) / lanes + kPanel - 1) / kPanel * kPanel;
     const int64_t l3_rows = std::max<int64_t>(kTileBytes / (4 * d_), kNc) / kPanel * kPanel;
-    const int64_t tile = std::min({std::max(budget / (d_ + 1) / kPanel * kPanel, kPanel), l3_rows, ref_rows});
-    at::Tensor workspace = at::empty({tile * d_ + tile + threads * cbuf}, at::kFloat);
-    float* panels = workspace.data_ptr<float>();
-    float* panel_norms = panels + tile * d_;
-    float* cbufs = panel_norms + tile;
-    // Lane 0 fills the result heaps; further lanes (reference split only) their own, merged below.
+    const int64_t tile = std::min({std::max(budget / (d_ + 1) / kPanel * kPanel, kPanel), l3_rows, share});
+    at::Tensor workspace = at::empty({lanes * (tile * d_ + tile) + threads * cbuf}, at::kFloat);
+    float* cbufs = workspace.data_ptr<float>() + lanes * (tile * d_ + tile);
+    // Lane 0 fills the result heaps; further lanes their own, merged below.
     std::vector<Entry<float>> lane_heaps((lanes - 1) * nq_ * candidates_);
-    std::vector<int64_t> lane_sizes((lanes - 1) * nq_, 0);
+    std::vector<int64_t> lane_sizes((lanes - 1) * nq_, 0), lane_bad(lanes, -1);
+    std::vector<double> lane_max(lanes, 0.0);
     auto block_of = [&](int64_t lane, int64_t i0) {
       Entry<float>* heaps = lane == 0 ? reinterpret_cast<Entry<float>*>(heaps_.data())
                                       : lane_heaps.data() + (lane - 1) * nq_ * candidates_;
@@ -269,36 +274,37 @@ class ExactSearch {
       return QueryBlock{qpanels.data_ptr<float>(), qpadded, i0, std::min(kMc, nq_ - i0),
                         heaps + i0 * candidates_, sizes + i0, candidates_, exclude_self_};
     };
-    double max_sq = 0;
-    for (int64_t j0 = 0; j0 < ref_.rows; j0 += tile) {
-      const int64_t nr = std::min(tile, ref_.rows - j0);
-      const int64_t padded = (nr + kPanel - 1) / kPanel * kPanel;
-      pack_ref_tile(j0, nr, kPanel, step, padded, reinterpret_cast<scalar_t*>(panels),
-                    reinterpret_cast<scalar_t*>(panel_norms), &max_sq);
-      const int64_t base = j0 + offset_;
-      if (lanes == 1) {
-        at::parallel_for(0, qblocks, 1, [&](int64_t begin, int64_t end) {
+    auto scan_lane = [&](int64_t lane) {
+      float* panels = workspace.data_ptr<float>() + lane * (tile * d_ + tile);
+      float* panel_norms = panels + tile * d_;
+      const int64_t r0 = std::min(lane * share, ref_.rows), r1 = std::min(r0 + share, ref_.rows);
+      for (int64_t j0 = r0; j0 < r1; j0 += tile) {
+        const int64_t nr = std::min(tile, r1 - j0), padded = (nr + kPanel - 1) / kPanel * kPanel;
+        lane_bad[lane] = pack_ref_tile(j0, nr, kPanel, step, padded, reinterpret_cast<scalar_t*>(panels),
+                                       reinterpret_cast<scalar_t*>(panel_norms), &lane_max[lane]);
+        if (lane_bad[lane] >= 0) return;
+        auto scan_blocks = [&](int64_t begin, int64_t end) {
           float* cbuf_t = cbufs + at::get_thread_num() * cbuf;
           for (int64_t b = begin; b < end; ++b)
-            packed_scan_block(block_of(0, b * kMc), panels, panel_norms, padded, 0, padded, d_, base, cbuf_t);
-        });
-      } else {
-        const int64_t share = (padded / kPanel + lanes - 1) / lanes * kPanel;
-        at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
-          float* cbuf_t = cbufs + at::get_thread_num() * cbuf;
-          for (int64_t lane = begin; lane < end; ++lane) {
-            const int64_t r0 = std::min(lane * share, padded), r1 = std::min(r0 + share, padded);
-            for (int64_t b = 0; b < qblocks; ++b)
-              packed_scan_block(block_of(lane, b * kMc), panels, panel_norms, padded, r0, r1, d_, base, cbuf_t);
-          }
-        });
+            packed_scan_block(block_of(lane, b * kMc), panels, panel_norms, padded, 0, padded, d_, j0 + offset_,
+                              cbuf_t);
+        };
+        if (lanes == 1) at::parallel_for(0, qblocks, 1, scan_blocks); else scan_blocks(0, qblocks);
       }
+    };
+    if (lanes == 1) {
+      scan_lane(0);
+    } else {
+      at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t lane = begin; lane < end; ++lane) scan_lane(lane);
+      });
     }
+    for (int64_t bad : lane_bad) check_ref_rows(bad);  // lanes hold increasing ranges: the first is the global first
     for (int64_t lane = 1; lane < lanes; ++lane)
       merge_heaps(reinterpret_cast<Entry<float>*>(heaps_.data()), heap_sizes_.data(),
                   lane_heaps.data() + (lane - 1) * nq_ * candidates_, lane_sizes.data() + (lane - 1) * nq_, nq_,
                   candidates_);
-    max_ref_norm_ = std::sqrt(max_sq);
+    max_ref_norm_ = std::sqrt(*std::max_element(lane_max.begin(), lane_max.end()));
   }
 
   // Any d: inner-product blocks through the BLAS (at::mm), then the selection.
@@ -311,7 +317,7 @@ class ExactSearch {
     double max_sq = 0;
     for (int64_t j0 = 0; j0 < ref_.rows; j0 += plan.ref_tile) {
       const int64_t nr = std::min(plan.ref_tile, ref_.rows - j0);
-      pack_ref_tile(j0, nr, 1, d_, nr, packed, norms, &max_sq);
+      check_ref_rows(pack_ref_tile(j0, nr, 1, d_, nr, packed, norms, &max_sq));
       for (int64_t i0 = 0; i0 < nq_; i0 += plan.query_tile) {
         const int64_t nq = std::min(plan.query_tile, nq_ - i0);
         inner_products(qpacked_.data_ptr<scalar_t>() + i0 * d_, packed, ip, nq, nr, d_);

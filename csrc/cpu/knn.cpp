@@ -212,68 +212,20 @@ class ExactSearch {
     scan_gemm();
   }
 
-  // Small d: register-tiled inner products fused with the selection, parallel over 6-query tiles.
-  void scan_fused() {
-    const int64_t tile = std::clamp<int64_t>((256 * 1024 / (d_ * 4)) / kPanel * kPanel, kPanel, 4096);
-    at::Tensor workspace = at::empty({tile * d_ + tile}, at::kFloat);
-    float* panels = workspace.data_ptr<float>();
-    float* panel_norms = panels + tile * d_;
-    double max_sq = 0;
-    const int64_t blocks = (nq_ + kRows - 1) / kRows;
-    for (int64_t j0 = 0; j0 < ref_.rows; j0 += tile) {
-      const int64_t nr = std::min(tile, ref_.rows - j0);
-      check_ref_rows(pack_ref_tile(j0, nr, kPanel, d_, (nr + kPanel - 1) / kPanel * kPanel,
-                                   reinterpret_cast<scalar_t*>(panels), reinterpret_cast<scalar_t*>(panel_norms), &max_sq));
-      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t block = begin; block < end; ++block) {
-          const int64_t i0 = block * kRows, count = std::min(kRows, nq_ - i0);
-          const float* q[kRows];
-          int64_t self[kRows];
-          HeapView<float> heaps[kRows];
-          for (int64_t r = 0; r < kRows; ++r) {
-            const int64_t qi = i0 + std::min(r, count - 1);
-            q[r] = reinterpret_cast<const float*>(qpacked_.data_ptr<scalar_t>()) + qi * d_;
-            self[r] = self_index(qi);
-            heaps[r] = {reinterpret_cast<Entry<float>*>(heaps_.data()) + qi * candidates_, candidates_,
-                        &heap_sizes_[qi]};
-          }
-          fused_scan_6x16(q, count, panels, panel_norms, (nr + kPanel - 1) / kPanel, d_, j0 + offset_, self, heaps);
-        }
-      });
-    }
-    max_ref_norm_ = std::sqrt(max_sq);
-  }
-
-  // Large d: cache-blocked packed micro-kernels fused with the selection (knn_packed.h). Normally one lane per
-  // thread, each owning a contiguous reference range, its own tiles and heaps (merged at the end): one parallel
-  // region, no barrier per tile. With few references and many queries: one lane, parallel over query blocks.
-  void scan_packed() {
-    const int64_t threads = at::get_num_threads();
-    const int64_t qblocks = (nq_ + kMc - 1) / kMc;
-    const int64_t lanes = qblocks < threads || ref_.rows >= threads * kNc
-                              ? std::min(threads, (ref_.rows + kPanel - 1) / kPanel) : 1;
-    const int64_t step = depth_step(d_), qpadded = (nq_ + kRows - 1) / kRows * kRows;
-    at::Tensor qpanels = at::empty({qpadded * d_}, at::kFloat);
-    pack_blocked<kRows>(reinterpret_cast<const float*>(qpacked_.data_ptr<scalar_t>()), nq_, d_, step, qpadded, 0,
-                        qpadded, qpanels.data_ptr<float>());
-    const int64_t cbuf = kMc * kNc;
-    const int64_t budget = std::max<int64_t>(workspace_bytes_ / 4 - threads * cbuf, 0) / lanes;
+  // Lanes: one per thread, each owning a contiguous reference range, its own tiles and its own heaps (lane 0:
+  // the result heaps; the others merged into them at the end), so a search is one parallel region with no
+  // barrier per tile. With few references and many queries one lane (lanes = 1) scans each tile in parallel
+  // over query blocks instead. per_tile(lane, j0, padded, panels, panel_norms) scans one packed tile
+  // (pack_ref_tile with 16-row panels in depth blocks of `step`); it runs inside the lane's thread.
+  template <typename PerTile>
+  void scan_in_lanes(int64_t lanes, int64_t tile, int64_t step, PerTile per_tile) {
     const int64_t share = ((ref_.rows + lanes - 1) / lanes + kPanel - 1) / kPanel * kPanel;
-    const int64_t l3_rows = std::max<int64_t>(kTileBytes / (4 * d_), kNc) / kPanel * kPanel;
-    const int64_t tile = std::min({std::max(budget / (d_ + 1) / kPanel * kPanel, kPanel), l3_rows, share});
-    at::Tensor workspace = at::empty({lanes * (tile * d_ + tile) + threads * cbuf}, at::kFloat);
-    float* cbufs = workspace.data_ptr<float>() + lanes * (tile * d_ + tile);
-    // Lane 0 fills the result heaps; further lanes their own, merged below.
-    std::vector<Entry<float>> lane_heaps((lanes - 1) * nq_ * candidates_);
-    std::vector<int64_t> lane_sizes((lanes - 1) * nq_, 0), lane_bad(lanes, -1);
+    tile = std::min(tile, share);
+    at::Tensor workspace = at::empty({lanes * (tile * d_ + tile)}, at::kFloat);
+    lane_heaps_.assign((lanes - 1) * nq_ * candidates_, Entry<float>{});
+    lane_sizes_.assign((lanes - 1) * nq_, 0);
+    std::vector<int64_t> lane_bad(lanes, -1);
     std::vector<double> lane_max(lanes, 0.0);
-    auto block_of = [&](int64_t lane, int64_t i0) {
-      Entry<float>* heaps = lane == 0 ? reinterpret_cast<Entry<float>*>(heaps_.data())
-                                      : lane_heaps.data() + (lane - 1) * nq_ * candidates_;
-      int64_t* sizes = lane == 0 ? heap_sizes_.data() : lane_sizes.data() + (lane - 1) * nq_;
-      return QueryBlock{qpanels.data_ptr<float>(), qpadded, i0, std::min(kMc, nq_ - i0),
-                        heaps + i0 * candidates_, sizes + i0, candidates_, exclude_self_};
-    };
     auto scan_lane = [&](int64_t lane) {
       float* panels = workspace.data_ptr<float>() + lane * (tile * d_ + tile);
       float* panel_norms = panels + tile * d_;
@@ -283,13 +235,7 @@ class ExactSearch {
         lane_bad[lane] = pack_ref_tile(j0, nr, kPanel, step, padded, reinterpret_cast<scalar_t*>(panels),
                                        reinterpret_cast<scalar_t*>(panel_norms), &lane_max[lane]);
         if (lane_bad[lane] >= 0) return;
-        auto scan_blocks = [&](int64_t begin, int64_t end) {
-          float* cbuf_t = cbufs + at::get_thread_num() * cbuf;
-          for (int64_t b = begin; b < end; ++b)
-            packed_scan_block(block_of(lane, b * kMc), panels, panel_norms, padded, 0, padded, d_, j0 + offset_,
-                              cbuf_t);
-        };
-        if (lanes == 1) at::parallel_for(0, qblocks, 1, scan_blocks); else scan_blocks(0, qblocks);
+        per_tile(lane, j0, padded, panels, panel_norms);
       }
     };
     if (lanes == 1) {
@@ -301,10 +247,75 @@ class ExactSearch {
     }
     for (int64_t bad : lane_bad) check_ref_rows(bad);  // lanes hold increasing ranges: the first is the global first
     for (int64_t lane = 1; lane < lanes; ++lane)
-      merge_heaps(reinterpret_cast<Entry<float>*>(heaps_.data()), heap_sizes_.data(),
-                  lane_heaps.data() + (lane - 1) * nq_ * candidates_, lane_sizes.data() + (lane - 1) * nq_, nq_,
-                  candidates_);
+      merge_heaps(reinterpret_cast<Entry<float>*>(heaps_.data()), heap_sizes_.data(), lane_entries(lane),
+                  lane_sizes(lane), nq_, candidates_);
     max_ref_norm_ = std::sqrt(*std::max_element(lane_max.begin(), lane_max.end()));
+  }
+
+  Entry<float>* lane_entries(int64_t lane) {
+    return lane == 0 ? reinterpret_cast<Entry<float>*>(heaps_.data()) : lane_heaps_.data() + (lane - 1) * nq_ * candidates_;
+  }
+  int64_t* lane_sizes(int64_t lane) { return lane == 0 ? heap_sizes_.data() : lane_sizes_.data() + (lane - 1) * nq_; }
+
+  // Lanes for a search whose parallel tasks are `blocks` query blocks and whose tiles hold `tile` references.
+  int64_t lane_count(int64_t blocks, int64_t tile) const {
+    const int64_t threads = at::get_num_threads();
+    if (blocks >= threads && ref_.rows < threads * tile) return 1;
+    return std::max<int64_t>(1, std::min(threads, (ref_.rows + kPanel - 1) / kPanel));
+  }
+
+  // Small d: register-tiled inner products fused with the selection (knn_fused.h), over 6-query tiles.
+  void scan_fused() {
+    const int64_t tile = std::clamp<int64_t>((256 * 1024 / (d_ * 4)) / kPanel * kPanel, kPanel, 4096);
+    const int64_t blocks = (nq_ + kRows - 1) / kRows, lanes = lane_count(blocks, tile);
+    scan_in_lanes(lanes, tile, d_, [&](int64_t lane, int64_t j0, int64_t padded, const float* panels,
+                                       const float* panel_norms) {
+      auto scan_blocks = [&](int64_t begin, int64_t end) {
+        for (int64_t block = begin; block < end; ++block) {
+          const int64_t i0 = block * kRows, count = std::min(kRows, nq_ - i0);
+          const float* q[kRows];
+          int64_t self[kRows];
+          HeapView<float> heaps[kRows];
+          for (int64_t r = 0; r < kRows; ++r) {
+            const int64_t qi = i0 + std::min(r, count - 1);
+            q[r] = reinterpret_cast<const float*>(qpacked_.data_ptr<scalar_t>()) + qi * d_;
+            self[r] = self_index(qi);
+            heaps[r] = {lane_entries(lane) + qi * candidates_, candidates_, lane_sizes(lane) + qi};
+          }
+          fused_scan_6x16(q, count, panels, panel_norms, padded / kPanel, d_, j0 + offset_, self, heaps);
+        }
+      };
+      if (lanes == 1) at::parallel_for(0, blocks, 1, scan_blocks); else scan_blocks(0, blocks);
+    });
+  }
+
+  // Large d: cache-blocked packed micro-kernels fused with the selection (knn_packed.h), over kMc-query blocks.
+  void scan_packed() {
+    const int64_t threads = at::get_num_threads();
+    const int64_t step = depth_step(d_), qpadded = (nq_ + kRows - 1) / kRows * kRows;
+    at::Tensor qpanels = at::empty({qpadded * d_}, at::kFloat);
+    pack_blocked<kRows>(reinterpret_cast<const float*>(qpacked_.data_ptr<scalar_t>()), nq_, d_, step, qpadded, 0,
+                        qpadded, qpanels.data_ptr<float>());
+    const int64_t cbuf = kMc * kNc;
+    at::Tensor cbufs = at::empty({threads * cbuf}, at::kFloat);
+    const int64_t qblocks = (nq_ + kMc - 1) / kMc, lanes = lane_count(qblocks, kNc);
+    const int64_t budget = std::max<int64_t>(workspace_bytes_ / 4 - threads * cbuf, 0) / lanes;
+    const int64_t l3_rows = std::max<int64_t>(kTileBytes / (4 * d_), kNc) / kPanel * kPanel;
+    const int64_t tile = std::min(std::max(budget / (d_ + 1) / kPanel * kPanel, kPanel), l3_rows);
+    scan_in_lanes(lanes, tile, step, [&](int64_t lane, int64_t j0, int64_t padded, const float* panels,
+                                         const float* panel_norms) {
+      auto scan_blocks = [&](int64_t begin, int64_t end) {
+        float* cbuf_t = cbufs.data_ptr<float>() + at::get_thread_num() * cbuf;
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t i0 = b * kMc;
+          const QueryBlock block{qpanels.data_ptr<float>(), qpadded, i0, std::min(kMc, nq_ - i0),
+                                 lane_entries(lane) + i0 * candidates_, lane_sizes(lane) + i0, candidates_,
+                                 exclude_self_};
+          packed_scan_block(block, panels, panel_norms, padded, 0, padded, d_, j0 + offset_, cbuf_t);
+        }
+      };
+      if (lanes == 1) at::parallel_for(0, qblocks, 1, scan_blocks); else scan_blocks(0, qblocks);
+    });
   }
 
   // Any d: inner-product blocks through the BLAS (at::mm), then the selection.
@@ -436,6 +447,8 @@ class ExactSearch {
   std::vector<RowTransform> qtr_;
   std::vector<Entry<scalar_t>> heaps_;
   std::vector<int64_t> heap_sizes_;
+  std::vector<Entry<float>> lane_heaps_;  // heaps of lanes 1.. (scan_in_lanes)
+  std::vector<int64_t> lane_sizes_;
   double max_ref_norm_ = 0;
 };
 

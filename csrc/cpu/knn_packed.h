@@ -15,8 +15,10 @@
 // - partial sums of a 6 × 16 tile live in a per-thread kMc × kNc buffer between depth blocks; the LAST depth
 //   block adds them to its registers and feeds ‖y‖² − 2·x·y straight into the running top-k selection
 //   (select_tile_6x16, thresholds in registers): no nq × nr (or tile × tile) matrix is ever written.
-// Few queries (fewer query blocks than threads): the reference range of each tile is split among threads
-// instead, each with its own heaps, merged at the end (merge_heaps).
+// Parallelism (ExactSearch::scan_in_lanes in knn.cpp): normally one lane per thread, each owning a contiguous
+// reference range, its own tiles and heaps, merged at the end (merge_heaps): one parallel region per search, no
+// barrier per tile. With few references and many queries: one lane, each tile scanned in parallel over query
+// blocks.
 #pragma once
 #include <immintrin.h>
 

@@ -145,6 +145,27 @@ def test_larger_problem_spans_many_tiles(metric):
     assert_exact_knn(dist, index, query, ref, 7, metric)
 
 
+@pytest.mark.parametrize(
+    "nq,nr,d,k,workspace_mb",
+    [
+        (13, 1100, 300, 3, 256),  # few queries: references split among threads, heaps merged
+        (150, 301, 513, 10, 256),  # two query blocks; d not a multiple of the depth block
+        (49, 200, 1030, 4, 1),  # many reference tiles; partial 6-query panel
+    ],
+)
+def test_large_feature_sizes_packed_path(nq, nr, d, k, workspace_mb):
+    # d > 256 takes the cache-blocked packed kernel (float32, AVX2) or the BLAS; near-duplicates on a large offset.
+    query = 1000 + 1e-3 * torch.randn(nq, d, dtype=torch.float64)
+    ref = 1000 + 1e-3 * torch.randn(nr, d, dtype=torch.float64)
+    ref[nr - 5] = query[nq // 2] + 1e-7
+    ref[nr - 3] = ref[nr - 5]
+    dist, index = biasfast.knn(query.float(), ref.float(), k=k, workspace_mb=workspace_mb)
+    assert_exact_knn(dist, index, query.float(), ref.float(), k, "l2")
+    assert index[nq // 2, 0] == nr - 5
+    dist, index = biasfast.knn(ref[:nq].float(), ref[:nq].float(), k=2, metric="cosine", exclude_self=True)
+    assert_exact_knn(dist, index, ref[:nq].float(), ref[:nq].float(), 2, "cosine", exclude_self=True)
+
+
 def test_streaming_equals_in_memory_with_global_indices():
     query, ref = torch.randn(29, 33), torch.randn(1001, 33)
     ref[900] = query[3]
@@ -256,6 +277,11 @@ def test_nan_and_inf_name_the_tensor_and_first_bad_row():
         biasfast.knn(query, ref)
     with pytest.raises(ValueError, match=r"ref.*NaN or Inf \(first bad row 2100\)"):
         biasfast.knn(query, iter([ref[:2000], ref[2000:]]))
+    wide = torch.randn(3000, 300)  # the packed path: reference ranges split among threads
+    wide[2500, 7] = float("nan")
+    wide[900, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"ref.*NaN or Inf \(first bad row 900\)"):
+        biasfast.knn(torch.randn(4, 300), wide)
     query[2, 2] = float("inf")
     with pytest.raises(ValueError, match=r"query.*NaN or Inf \(first bad row 2\)"):
         biasfast.knn(query, ref[:10])

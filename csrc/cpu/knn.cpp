@@ -22,6 +22,7 @@
 #include "cpu/knn_common.h"
 #include "cpu/knn_fused.h"
 #include "cpu/knn_gemm.h"
+#include "cpu/knn_packed.h"
 
 namespace biasfast {
 namespace {
@@ -80,22 +81,30 @@ int64_t first_non_finite_row(const double* rows, int64_t n, int64_t d) {
   return -1;
 }
 
+// Σ diff(t)² over t < d in float64, in four interleaved partial sums (vectorised; no single latency chain).
+template <typename Diff>
+inline double sum_of_squares(int64_t d, Diff diff) {
+  double acc[4] = {0, 0, 0, 0};
+  int64_t t = 0;
+  for (; t + 4 <= d; t += 4) {
+    for (int u = 0; u < 4; ++u) {
+      const double v = diff(t + u);
+      acc[u] += v * v;
+    }
+  }
+  for (; t < d; ++t) {
+    const double v = diff(t);
+    acc[0] += v * v;
+  }
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
 // Exact distance (in transformed squared-L2 units) between two rows given in float64.
 inline double exact_distance(const double* x, const RowTransform& tx, const double* y, const RowTransform& ty,
                              int64_t d) {
-  double acc = 0;
-  if (tx.shift == 0.0 && ty.shift == 0.0 && tx.norm == 1.0 && ty.norm == 1.0) {
-    for (int64_t t = 0; t < d; ++t) {
-      const double diff = x[t] - y[t];
-      acc += diff * diff;
-    }
-    return acc;
-  }
-  for (int64_t t = 0; t < d; ++t) {
-    const double diff = (x[t] - tx.shift) / tx.norm - (y[t] - ty.shift) / ty.norm;
-    acc += diff * diff;
-  }
-  return acc;
+  if (tx.shift == 0.0 && ty.shift == 0.0 && tx.norm == 1.0 && ty.norm == 1.0)
+    return sum_of_squares(d, [&](int64_t t) { return x[t] - y[t]; });
+  return sum_of_squares(d, [&](int64_t t) { return (x[t] - tx.shift) / tx.norm - (y[t] - ty.shift) / ty.norm; });
 }
 
 template <typename scalar_t, typename ref_t>
@@ -151,59 +160,117 @@ class ExactSearch {
     heap_sizes_.assign(nq_, 0);
   }
 
-  // Pack one reference tile: transform to scalar_t, norms, NaN/Inf check (first bad row is global).
-  void pack_ref_tile(int64_t j0, int64_t rows, scalar_t* packed, scalar_t* norms, double* max_norm) {
+  // Pack one reference tile: transform to scalar_t, norms, NaN/Inf check (first bad row is global). The layout is
+  // that of pack_blocked: w-row panels in depth blocks of `step` features, `padded` rows (a multiple of w; the rows
+  // past `rows` are zeros with norm +inf); w = 1 with step = d is row-major. Returns the first row (local index
+  // + j0) holding NaN/Inf, or −1; the caller reports it (check_ref_rows).
+  int64_t pack_ref_tile(int64_t j0, int64_t rows, int64_t w, int64_t step, int64_t padded, scalar_t* packed,
+                     scalar_t* norms, double* max_norm) {
     std::vector<int64_t> bad_rows(at::get_num_threads() + 1, std::numeric_limits<int64_t>::max());
     std::vector<double> max_norms(at::get_num_threads() + 1, 0.0);
-    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, padded / w, std::max<int64_t>(1, 64 / w), [&](int64_t begin, int64_t end) {
       std::vector<double> row(d_);
+      std::vector<scalar_t> values(d_);
       const int tid = at::get_thread_num();
-      for (int64_t r = begin; r < end; ++r) {
-        ref_.read(j0 + r, row.data());
-        if (first_non_finite_row(row.data(), 1, d_) >= 0) {
-          bad_rows[tid] = std::min(bad_rows[tid], j0 + r);
-          continue;
+      for (int64_t r = begin * w; r < end * w; ++r) {
+        if (r < rows) {
+          ref_.read(j0 + r, row.data());
+          if (first_non_finite_row(row.data(), 1, d_) >= 0) {
+            bad_rows[tid] = std::min(bad_rows[tid], j0 + r);
+            continue;
+          }
+          const RowTransform tr = row_transform(row.data(), d_, metric_, "ref", j0 + r + offset_);
+          for (int64_t t = 0; t < d_; ++t)
+            values[t] = static_cast<scalar_t>((row[t] - tr.shift - center_[t]) * tr.scale);
+          const double norm = sum_of_squares(d_, [&](int64_t t) { return static_cast<double>(values[t]); });
+          norms[r] = static_cast<scalar_t>(norm);
+          max_norms[tid] = std::max(max_norms[tid], norm);
+        } else {
+          std::fill(values.begin(), values.end(), scalar_t(0));
+          norms[r] = std::numeric_limits<scalar_t>::infinity();
         }
-        const RowTransform tr = row_transform(row.data(), d_, metric_, "ref", j0 + r + offset_);
-        double norm = 0;
-        for (int64_t t = 0; t < d_; ++t) {
-          const scalar_t v = static_cast<scalar_t>((row[t] - tr.shift - center_[t]) * tr.scale);
-          packed[r * d_ + t] = v;
-          norm += static_cast<double>(v) * static_cast<double>(v);
+        for (int64_t pc = 0; pc < d_; pc += step) {
+          const int64_t kc = std::min(step, d_ - pc);
+          scalar_t* dst = packed + pc * padded + r / w * w * kc + r % w;
+          for (int64_t t = 0; t < kc; ++t) dst[t * w] = values[pc + t];
         }
-        norms[r] = static_cast<scalar_t>(norm);
-        max_norms[tid] = std::max(max_norms[tid], norm);
       }
     });
-    const int64_t bad = *std::min_element(bad_rows.begin(), bad_rows.end());
-    BIASFAST_CHECK_ARG(bad == std::numeric_limits<int64_t>::max(), "ref", "contains NaN or Inf (first bad row ",
-                       bad + offset_, ")");
     for (double m : max_norms) *max_norm = std::max(*max_norm, m);
+    const int64_t bad = *std::min_element(bad_rows.begin(), bad_rows.end());
+    return bad == std::numeric_limits<int64_t>::max() ? -1 : bad;
+  }
+
+  void check_ref_rows(int64_t bad) const {
+    BIASFAST_CHECK_ARG(bad < 0, "ref", "contains NaN or Inf (first bad row ", bad + offset_, ")");
   }
 
   void scan() {
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (d_ <= kFusedMaxDim && cpu_has_avx2_fma()) return scan_fused();
+      if (cpu_has_avx2_fma()) return d_ <= kFusedMaxDim ? scan_fused() : scan_packed();
     }
     scan_gemm();
   }
 
-  // Small d: register-tiled inner products fused with the selection, parallel over 6-query tiles.
+  // Lanes: one per thread, each owning a contiguous reference range, its own tiles and its own heaps (lane 0:
+  // the result heaps; the others merged into them at the end), so a search is one parallel region with no
+  // barrier per tile. With few references and many queries one lane (lanes = 1) scans each tile in parallel
+  // over query blocks instead. per_tile(lane, j0, padded, panels, panel_norms) scans one packed tile
+  // (pack_ref_tile with 16-row panels in depth blocks of `step`); it runs inside the lane's thread.
+  template <typename PerTile>
+  void scan_in_lanes(int64_t lanes, int64_t tile, int64_t step, PerTile per_tile) {
+    const int64_t share = ((ref_.rows + lanes - 1) / lanes + kPanel - 1) / kPanel * kPanel;
+    tile = std::min(tile, share);
+    at::Tensor workspace = at::empty({lanes * (tile * d_ + tile)}, at::kFloat);
+    lane_heaps_.assign((lanes - 1) * nq_ * candidates_, Entry<float>{});
+    lane_sizes_.assign((lanes - 1) * nq_, 0);
+    std::vector<int64_t> lane_bad(lanes, -1);
+    std::vector<double> lane_max(lanes, 0.0);
+    auto scan_lane = [&](int64_t lane) {
+      float* panels = workspace.data_ptr<float>() + lane * (tile * d_ + tile);
+      float* panel_norms = panels + tile * d_;
+      const int64_t r0 = std::min(lane * share, ref_.rows), r1 = std::min(r0 + share, ref_.rows);
+      for (int64_t j0 = r0; j0 < r1; j0 += tile) {
+        const int64_t nr = std::min(tile, r1 - j0), padded = (nr + kPanel - 1) / kPanel * kPanel;
+        lane_bad[lane] = pack_ref_tile(j0, nr, kPanel, step, padded, reinterpret_cast<scalar_t*>(panels),
+                                       reinterpret_cast<scalar_t*>(panel_norms), &lane_max[lane]);
+        if (lane_bad[lane] >= 0) return;
+        per_tile(lane, j0, padded, panels, panel_norms);
+      }
+    };
+    if (lanes == 1) {
+      scan_lane(0);
+    } else {
+      at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t lane = begin; lane < end; ++lane) scan_lane(lane);
+      });
+    }
+    for (int64_t bad : lane_bad) check_ref_rows(bad);  // lanes hold increasing ranges: the first is the global first
+    for (int64_t lane = 1; lane < lanes; ++lane)
+      merge_heaps(reinterpret_cast<Entry<float>*>(heaps_.data()), heap_sizes_.data(), lane_entries(lane),
+                  lane_sizes(lane), nq_, candidates_);
+    max_ref_norm_ = std::sqrt(*std::max_element(lane_max.begin(), lane_max.end()));
+  }
+
+  Entry<float>* lane_entries(int64_t lane) {
+    return lane == 0 ? reinterpret_cast<Entry<float>*>(heaps_.data()) : lane_heaps_.data() + (lane - 1) * nq_ * candidates_;
+  }
+  int64_t* lane_sizes(int64_t lane) { return lane == 0 ? heap_sizes_.data() : lane_sizes_.data() + (lane - 1) * nq_; }
+
+  // Lanes for a search whose parallel tasks are `blocks` query blocks and whose tiles hold `tile` references.
+  int64_t lane_count(int64_t blocks, int64_t tile) const {
+    const int64_t threads = at::get_num_threads();
+    if (blocks >= threads && ref_.rows < threads * tile) return 1;
+    return std::max<int64_t>(1, std::min(threads, (ref_.rows + kPanel - 1) / kPanel));
+  }
+
+  // Small d: register-tiled inner products fused with the selection (knn_fused.h), over 6-query tiles.
   void scan_fused() {
     const int64_t tile = std::clamp<int64_t>((256 * 1024 / (d_ * 4)) / kPanel * kPanel, kPanel, 4096);
-    const int64_t padded = tile + kPanel;
-    at::Tensor workspace = at::empty({tile * d_ + tile + padded * d_ + padded}, at::kFloat);
-    float* rows = workspace.data_ptr<float>();
-    float* norms = rows + tile * d_;
-    float* panels = norms + tile;
-    float* panel_norms = panels + padded * d_;
-    double max_sq = 0;
-    const int64_t blocks = (nq_ + kRows - 1) / kRows;
-    for (int64_t j0 = 0; j0 < ref_.rows; j0 += tile) {
-      const int64_t nr = std::min(tile, ref_.rows - j0);
-      pack_ref_tile(j0, nr, reinterpret_cast<scalar_t*>(rows), reinterpret_cast<scalar_t*>(norms), &max_sq);
-      pack_panels(rows, norms, nr, d_, panels, panel_norms);
-      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t blocks = (nq_ + kRows - 1) / kRows, lanes = lane_count(blocks, tile);
+    scan_in_lanes(lanes, tile, d_, [&](int64_t lane, int64_t j0, int64_t padded, const float* panels,
+                                       const float* panel_norms) {
+      auto scan_blocks = [&](int64_t begin, int64_t end) {
         for (int64_t block = begin; block < end; ++block) {
           const int64_t i0 = block * kRows, count = std::min(kRows, nq_ - i0);
           const float* q[kRows];
@@ -213,14 +280,42 @@ class ExactSearch {
             const int64_t qi = i0 + std::min(r, count - 1);
             q[r] = reinterpret_cast<const float*>(qpacked_.data_ptr<scalar_t>()) + qi * d_;
             self[r] = self_index(qi);
-            heaps[r] = {reinterpret_cast<Entry<float>*>(heaps_.data()) + qi * candidates_, candidates_,
-                        &heap_sizes_[qi]};
+            heaps[r] = {lane_entries(lane) + qi * candidates_, candidates_, lane_sizes(lane) + qi};
           }
-          fused_scan_6x16(q, count, panels, panel_norms, (nr + kPanel - 1) / kPanel, d_, j0 + offset_, self, heaps);
+          fused_scan_6x16(q, count, panels, panel_norms, padded / kPanel, d_, j0 + offset_, self, heaps);
         }
-      });
-    }
-    max_ref_norm_ = std::sqrt(max_sq);
+      };
+      if (lanes == 1) at::parallel_for(0, blocks, 1, scan_blocks); else scan_blocks(0, blocks);
+    });
+  }
+
+  // Large d: cache-blocked packed micro-kernels fused with the selection (knn_packed.h), over kMc-query blocks.
+  void scan_packed() {
+    const int64_t threads = at::get_num_threads();
+    const int64_t step = depth_step(d_), qpadded = (nq_ + kRows - 1) / kRows * kRows;
+    at::Tensor qpanels = at::empty({qpadded * d_}, at::kFloat);
+    pack_blocked<kRows>(reinterpret_cast<const float*>(qpacked_.data_ptr<scalar_t>()), nq_, d_, step, qpadded, 0,
+                        qpadded, qpanels.data_ptr<float>());
+    const int64_t cbuf = kMc * kNc;
+    at::Tensor cbufs = at::empty({threads * cbuf}, at::kFloat);
+    const int64_t qblocks = (nq_ + kMc - 1) / kMc, lanes = lane_count(qblocks, kNc);
+    const int64_t budget = std::max<int64_t>(workspace_bytes_ / 4 - threads * cbuf, 0) / lanes;
+    const int64_t l3_rows = std::max<int64_t>(kTileBytes / (4 * d_), kNc) / kPanel * kPanel;
+    const int64_t tile = std::min(std::max(budget / (d_ + 1) / kPanel * kPanel, kPanel), l3_rows);
+    scan_in_lanes(lanes, tile, step, [&](int64_t lane, int64_t j0, int64_t padded, const float* panels,
+                                         const float* panel_norms) {
+      auto scan_blocks = [&](int64_t begin, int64_t end) {
+        float* cbuf_t = cbufs.data_ptr<float>() + at::get_thread_num() * cbuf;
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t i0 = b * kMc;
+          const QueryBlock block{qpanels.data_ptr<float>(), qpadded, i0, std::min(kMc, nq_ - i0),
+                                 lane_entries(lane) + i0 * candidates_, lane_sizes(lane) + i0, candidates_,
+                                 exclude_self_};
+          packed_scan_block(block, panels, panel_norms, padded, 0, padded, d_, j0 + offset_, cbuf_t);
+        }
+      };
+      if (lanes == 1) at::parallel_for(0, qblocks, 1, scan_blocks); else scan_blocks(0, qblocks);
+    });
   }
 
   // Any d: inner-product blocks through the BLAS (at::mm), then the selection.
@@ -233,7 +328,7 @@ class ExactSearch {
     double max_sq = 0;
     for (int64_t j0 = 0; j0 < ref_.rows; j0 += plan.ref_tile) {
       const int64_t nr = std::min(plan.ref_tile, ref_.rows - j0);
-      pack_ref_tile(j0, nr, packed, norms, &max_sq);
+      check_ref_rows(pack_ref_tile(j0, nr, 1, d_, nr, packed, norms, &max_sq));
       for (int64_t i0 = 0; i0 < nq_; i0 += plan.query_tile) {
         const int64_t nq = std::min(plan.query_tile, nq_ - i0);
         inner_products(qpacked_.data_ptr<scalar_t>() + i0 * d_, packed, ip, nq, nr, d_);
@@ -352,6 +447,8 @@ class ExactSearch {
   std::vector<RowTransform> qtr_;
   std::vector<Entry<scalar_t>> heaps_;
   std::vector<int64_t> heap_sizes_;
+  std::vector<Entry<float>> lane_heaps_;  // heaps of lanes 1.. (scan_in_lanes)
+  std::vector<int64_t> lane_sizes_;
   double max_ref_norm_ = 0;
 };
 

@@ -5,7 +5,9 @@
 #pragma once
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "cpu/knn_common.h"
 
@@ -20,15 +22,56 @@ inline bool cpu_has_avx2_fma() {
   return ok;
 }
 
-// Repack a row-major tile (rows × d) into 16-reference panels; missing references get zeros and norm +inf.
-inline void pack_panels(const float* rows, const float* norms, int64_t n, int64_t d, float* panels,
-                        float* panel_norms) {
-  const int64_t panels_count = (n + kPanel - 1) / kPanel;
-  for (int64_t p = 0; p < panels_count; ++p) {
-    for (int64_t lane = 0; lane < kPanel; ++lane) {
-      const int64_t r = p * kPanel + lane;
-      panel_norms[p * kPanel + lane] = r < n ? norms[r] : std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < d; ++t) panels[(p * d + t) * kPanel + lane] = r < n ? rows[r * d + t] : 0.0f;
+// Repack rows [r0, r1) of a row-major n × d matrix into W-row panels, blocked by depth: features
+// [pc, pc + kc) (pc a multiple of step, kc = min(step, d − pc)) of row i go to
+// out[pc · padded + (i / W) · W · kc + (t − pc) · W + i % W] (padded: the panel rows in all, a multiple of W),
+// so each depth block of each panel is one contiguous stream. Rows from n on are zeros. step = d gives
+// plain panels [p][d][W].
+template <int64_t W>
+inline void pack_blocked(const float* rows, int64_t n, int64_t d, int64_t step, int64_t padded, int64_t r0,
+                         int64_t r1, float* out) {
+  for (int64_t pc = 0; pc < d; pc += step) {
+    const int64_t kc = std::min(step, d - pc);
+    float* block = out + pc * padded;
+    for (int64_t i = r0; i < r1; ++i) {
+      float* dst = block + i / W * W * kc + i % W;
+      if (i < n) {
+        for (int64_t t = 0; t < kc; ++t) dst[t * W] = rows[i * d + pc + t];
+      } else {
+        for (int64_t t = 0; t < kc; ++t) dst[t * W] = 0.0f;
+      }
+    }
+  }
+}
+
+// Compare a finished 6 × 16 register tile of inner products, as ‖y‖² − 2·x·y, with the queries' thresholds
+// thr[r] (kept up to date) and push the values that beat them; references base .. base + 15, in index order.
+__attribute__((target("avx2,fma"))) inline void select_tile_6x16(const __m256 (&acc)[kRows][2], const float* norms,
+                                                                   int64_t rows, int64_t base, const int64_t* self,
+                                                                   HeapView<float>* heaps, float* thr) {
+  const __m256 minus2 = _mm256_set1_ps(-2.0f);
+  const __m256 n0 = _mm256_loadu_ps(norms), n1 = _mm256_loadu_ps(norms + 8);
+  __m256 v[kRows][2], hit[kRows][2];
+  __m256 any = _mm256_setzero_ps();
+  for (int64_t r = 0; r < kRows; ++r) {  // rows past `rows` have threshold −inf: never a hit
+    const __m256 th = _mm256_set1_ps(r < rows ? thr[r] : -std::numeric_limits<float>::infinity());
+    v[r][0] = _mm256_fmadd_ps(minus2, acc[r][0], n0), v[r][1] = _mm256_fmadd_ps(minus2, acc[r][1], n1);
+    hit[r][0] = _mm256_cmp_ps(v[r][0], th, _CMP_LT_OQ), hit[r][1] = _mm256_cmp_ps(v[r][1], th, _CMP_LT_OQ);
+    any = _mm256_or_ps(any, _mm256_or_ps(hit[r][0], hit[r][1]));
+  }
+  if (_mm256_testz_ps(any, any)) return;  // the common case once the heaps are full
+  for (int64_t r = 0; r < rows; ++r) {
+    const int mask = _mm256_movemask_ps(hit[r][0]) | (_mm256_movemask_ps(hit[r][1]) << 8);
+    if (mask == 0) continue;
+    alignas(32) float values[kPanel];
+    _mm256_store_ps(values, v[r][0]);
+    _mm256_store_ps(values + 8, v[r][1]);
+    for (int lane = 0; lane < static_cast<int>(kPanel); ++lane) {
+      const int64_t j = base + lane;
+      if ((mask >> lane & 1) && values[lane] < thr[r] && j != self[r]) {
+        heaps[r].push({values[lane], j});
+        thr[r] = heaps[r].threshold();
+      }
     }
   }
 }
@@ -40,13 +83,13 @@ __attribute__((target("avx2,fma"))) inline void fused_scan_6x16(const float* con
                                                                   const int64_t* self, HeapView<float>* heaps) {
   float thr[kRows];
   for (int64_t r = 0; r < kRows; ++r) thr[r] = r < rows ? heaps[r].threshold() : -std::numeric_limits<float>::infinity();
-  const __m256 minus2 = _mm256_set1_ps(-2.0f);
   for (int64_t p = 0; p < panels_count; ++p) {
     const float* b = panels + p * d * kPanel;
     __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
            c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
            c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
            c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+#pragma GCC unroll 4
     for (int64_t t = 0; t < d; ++t) {
       const __m256 b0 = _mm256_loadu_ps(b + t * kPanel), b1 = _mm256_loadu_ps(b + t * kPanel + 8);
       __m256 a = _mm256_broadcast_ss(q[0] + t);
@@ -62,25 +105,8 @@ __attribute__((target("avx2,fma"))) inline void fused_scan_6x16(const float* con
       a = _mm256_broadcast_ss(q[5] + t);
       c50 = _mm256_fmadd_ps(a, b0, c50), c51 = _mm256_fmadd_ps(a, b1, c51);
     }
-    const __m256 n0 = _mm256_loadu_ps(norms + p * kPanel), n1 = _mm256_loadu_ps(norms + p * kPanel + 8);
     const __m256 acc[kRows][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-    for (int64_t r = 0; r < rows; ++r) {
-      const __m256 v0 = _mm256_fmadd_ps(minus2, acc[r][0], n0), v1 = _mm256_fmadd_ps(minus2, acc[r][1], n1);
-      const __m256 th = _mm256_set1_ps(thr[r]);
-      const int mask = _mm256_movemask_ps(_mm256_cmp_ps(v0, th, _CMP_LT_OQ)) |
-                       (_mm256_movemask_ps(_mm256_cmp_ps(v1, th, _CMP_LT_OQ)) << 8);
-      if (mask == 0) continue;
-      alignas(32) float values[kPanel];
-      _mm256_store_ps(values, v0);
-      _mm256_store_ps(values + 8, v1);
-      for (int lane = 0; lane < static_cast<int>(kPanel); ++lane) {
-        const int64_t j = base + p * kPanel + lane;
-        if ((mask >> lane & 1) && values[lane] < thr[r] && j != self[r]) {
-          heaps[r].push({values[lane], j});
-          thr[r] = heaps[r].threshold();
-        }
-      }
-    }
+    select_tile_6x16(acc, norms + p * kPanel, rows, base + p * kPanel, self, heaps, thr);
   }
 }
 

@@ -90,13 +90,22 @@ class SearchPlan:
         return metric_distances.sqrt() if self.metric == "sqeuclidean" else metric_distances
 
 
+QUERY_BLOCK_BYTES = 64 << 20
+
+
 def _search(queries: torch.Tensor, chunk: torch.Tensor, k: int, metric: str, label: str) -> torch.Tensor:
-    """Nearest distances of every query in one chunk; the engine's errors about the chunk name the chunk."""
+    """Nearest distances of every query in one chunk; the engine's errors about the chunk name the chunk.
+
+    The engine keeps packed copies of its queries (O(queries × features)); searching blocks of at most
+    QUERY_BLOCK_BYTES of queries bounds them (20,000 CIFAR-sized queries would otherwise add ~0.5 GB), at the
+    price of re-packing the chunk once per block, which is small next to the inner products.
+    """
+    rows = max(1, QUERY_BLOCK_BYTES // max(1, queries.shape[1] * queries.element_size()))
     try:
-        found, _ = biasfast.knn(queries, chunk, k=min(k, chunk.shape[0]), metric=metric)
+        return torch.cat([biasfast.knn(block, chunk, k=min(k, chunk.shape[0]), metric=metric)[0]
+                          for block in queries.split(rows)])
     except ValueError as error:
         raise ValueError(f"{label}: {error}") from error
-    return found
 
 
 def nearest(train: TrainingSet, name: str, queries: torch.Tensor, own: slice, plan: SearchPlan, features: int) -> NearestDistances:

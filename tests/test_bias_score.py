@@ -153,6 +153,17 @@ def test_streamed_chunks_and_numpy_inputs_give_the_same_report(metric):
     _assert_same_report(streamed.to_dict(), whole.to_dict())
 
 
+@pytest.mark.parametrize("metric", ["pearson", "hamming"])
+def test_query_blocks_give_the_same_report(metric, monkeypatch):
+    import biasfast._bias_search as search
+
+    problem = _random_problem(metric, 25, 61, (16,), n_test=11, seed=5)
+    whole = biasfast.bias_score(*problem[:4], metric=metric, test=problem[4])
+    monkeypatch.setattr(search, "QUERY_BLOCK_BYTES", 7 * 16 * 4)  # blocks of 7 (float) or 3–7 (token) queries
+    blocked = biasfast.bias_score(*problem[:4], metric=metric, test=problem[4])
+    _assert_same_report(blocked.to_dict(), whole.to_dict())
+
+
 def test_ties_are_left_out_of_the_score():
     samples_a, samples_b, train_a, train_b, _ = _random_problem("l2", 31, 40, (6,), seed=3)
     train_b[5] = train_a[0]  # shared row: a sample copying it is as near A as B

@@ -152,15 +152,13 @@ def _run_plan(plan: dict, out: str, args: argparse.Namespace, resume: bool) -> N
 
     results: dict = {name: {} for name in plan["weightings"]}
     dirs: dict = {name: {} for name in plan["weightings"]}
-    configs = {}
     for name in plan["weightings"]:
         for seed in plan["seeds"]:
-            config = configs.setdefault(seed, RunConfig(**plan["base"], weighting=name, seed=seed))
             run_dir = dirs[name][seed] = os.path.join(out, name, f"seed_{seed}")
             started = os.path.isfile(os.path.join(run_dir, CONFIG_FILE))
             results[name][seed] = _run_one(RunConfig(**plan["base"], weighting=name, seed=seed), run_dir, args,
                                            resume=resume and started)
-    table = compare_runs(results, dirs, configs, cache_dir=out)
+    table = compare_runs(results, dirs, RunConfig(**plan["base"]), cache_dir=out)
     write_json_atomic(table, os.path.join(out, "comparison.json"))
     print("\n== at equal iterations, mean ± std over seeds: sliced Wasserstein distance (pixel space) and FID "
           "(digit-classifier features) of the final samples to the test set, test loss, bias score")

@@ -142,14 +142,15 @@ def comparison_table(table: dict) -> str:
     return "\n".join(lines)
 
 
-def compare_runs(results: dict[str, dict[int, dict]], run_dirs: dict[str, dict[int, str]], configs: dict[int, object],
-                 cache_dir: str) -> dict:
+def compare_runs(results: dict[str, dict[int, dict]], run_dirs: dict[str, dict[int, str]], config, cache_dir: str
+                 ) -> dict:
     """The comparison table of finished runs: `results[weighting][seed]` (an Experiment's report) from
-    `run_dirs[weighting][seed]`; `configs[seed]` gives each seed's data and split. Each seed's FID classifier is
-    trained once on that seed's training split and cached in `cache_dir` (FID needs labels: without them, SWD only)."""
+    `run_dirs[weighting][seed]`; `config` (a RunConfig) names the data and split sizes, the seed picks the split.
+    Each seed's FID classifier is trained once on that seed's training split and cached in `cache_dir` (FID needs
+    labels: without them, SWD only)."""
+    source = load_images(config.data, image_size=config.image_size, channels=config.channels)
     per_run: dict[str, dict[int, dict]] = {name: {} for name in results}
-    for seed, config in configs.items():
-        source = load_images(config.data, image_size=config.image_size, channels=config.channels)
+    for seed in next(iter(results.values())):
         split = split_disjoint(source, config.n_train, config.n_test, seed=seed)
         classifier = None
         if split.labels_a is not None:

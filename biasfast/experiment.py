@@ -20,6 +20,7 @@ from biasfast._validation import check_device
 from biasfast.data import load_images, split_disjoint
 from biasfast.models import MODEL_KINDS, build_model
 from biasfast.schedules import NoiseSchedule
+from biasfast.tracker import _write_atomically
 from biasfast.training import (DenoisingEval, TrainConfig, Trainer, load_checkpoint, log_spaced_steps,
                                save_atomic)
 
@@ -239,12 +240,7 @@ def _jsonable(value):
 
 
 def write_json_atomic(obj: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_atomically(path, lambda stream: json.dump(obj, stream, indent=1, allow_nan=True), "w")
 
 
 def save_sample_grid(samples_a: torch.Tensor, samples_b: torch.Tensor, path: str, pairs: int = 16) -> None:

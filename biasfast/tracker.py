@@ -41,6 +41,8 @@ def _write_atomically(path: str | os.PathLike, write: Callable[[Any], None], mod
     try:
         with os.fdopen(handle, mode) as stream:
             write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())  # the rename must not land before the data on a crash
         os.replace(temporary, target)
     except BaseException:
         os.unlink(temporary)

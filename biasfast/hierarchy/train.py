@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from biasfast.experiment import write_json_atomic
 from biasfast.hierarchy.denoiser import SequenceDenoiser
 from biasfast.hierarchy.diffusion import OneHotDiffusion
 from biasfast.hierarchy.model import FilteredHierarchicalModel
@@ -120,9 +121,7 @@ class PairTrainer:
         os.makedirs(self.folder, exist_ok=True)
         path = os.path.join(self.folder, CONFIG_FILE)
         if not os.path.isfile(path):
-            with open(path + ".tmp", "w") as f:
-                json.dump(asdict(self.config), f, indent=1)
-            os.replace(path + ".tmp", path)
+            write_json_atomic(asdict(self.config), path)
         for name in NAMES:
             self._train_one(name, progress)
 

@@ -23,6 +23,7 @@
 #include "cpu/knn_fused.h"
 #include "cpu/knn_gemm.h"
 #include "cpu/knn_packed.h"
+#include "cpu/knn_rows.h"
 
 namespace biasfast {
 namespace {
@@ -50,25 +51,32 @@ struct StridedRows {
   }
 };
 
-// Shift/scale of one row for the metric; throws (naming the tensor and global row) where undefined.
-RowTransform row_transform(const double* row, int64_t d, Metric metric, const char* name, int64_t global_row) {
-  RowTransform tr;
-  if (metric == Metric::SqEuclidean || metric == Metric::L2) return tr;
+// Shift/scale of one row for the metric; false where it is undefined (a zero or constant row).
+bool try_row_transform(const double* row, int64_t d, Metric metric, RowTransform* tr) {
+  *tr = RowTransform{};
+  if (metric == Metric::SqEuclidean || metric == Metric::L2) return true;
   if (metric == Metric::Pearson) {
     double sum = 0;
     for (int64_t t = 0; t < d; ++t) sum += row[t];
-    tr.shift = sum / static_cast<double>(d);
+    tr->shift = sum / static_cast<double>(d);
   }
   double ss = 0;
   for (int64_t t = 0; t < d; ++t) {
-    const double v = row[t] - tr.shift;
+    const double v = row[t] - tr->shift;
     ss += v * v;
   }
-  BIASFAST_CHECK_ARG(ss > 0, name, "row ", global_row,
+  if (!(ss > 0)) return false;
+  tr->norm = std::sqrt(ss);
+  tr->scale = 1.0 / tr->norm;
+  return true;
+}
+
+// Shift/scale of one row for the metric; throws (naming the tensor and global row) where undefined.
+RowTransform row_transform(const double* row, int64_t d, Metric metric, const char* name, int64_t global_row) {
+  RowTransform tr;
+  BIASFAST_CHECK_ARG(try_row_transform(row, d, metric, &tr), name, "row ", global_row,
                      metric == Metric::Pearson ? " is constant: its pearson distance is undefined"
                                                : " has zero norm: its cosine distance is undefined");
-  tr.norm = std::sqrt(ss);
-  tr.scale = 1.0 / tr.norm;
   return tr;
 }
 
@@ -117,6 +125,8 @@ class ExactSearch {
         ref_{ref.data_ptr<ref_t>(), ref.size(0), ref.size(1), ref.stride(0), ref.stride(1)} {
     query_ = query.to(at::kDouble).contiguous();  // originals, exact in float64
     candidates_ = std::min<int64_t>(k_ + std::max<int64_t>(8, k_ / 4), ref_.rows);
+    direct_rows_ = std::is_same_v<ref_t, float> && ref_.s1 == 1 &&
+                   (metric_ == Metric::SqEuclidean || metric_ == Metric::L2) && cpu_has_avx2_fma();
   }
 
   std::tuple<at::Tensor, at::Tensor> run() {
@@ -133,21 +143,24 @@ class ExactSearch {
 
   void prepare_queries() {
     const double* q = query_.data_ptr<double>();
-    const int64_t bad = first_non_finite_row(q, nq_, d_);
+    const int64_t bad = first_bad_query([&](int64_t i) { return first_non_finite_row(q + i * d_, 1, d_) == 0; });
     BIASFAST_CHECK_ARG(bad < 0, "query", "contains NaN or Inf (first bad row ", bad, ")");
     center_.assign(d_, 0.0);
     if (metric_ == Metric::SqEuclidean || metric_ == Metric::L2) {
       // Centering by the query mean removes a common offset before the inner products (no cancellation).
-      for (int64_t i = 0; i < nq_; ++i)
-        for (int64_t t = 0; t < d_; ++t) center_[t] += q[i * d_ + t];
+      // Parallel over features; each column is summed in query order.
+      at::parallel_for(0, d_, 64, [&](int64_t t0, int64_t t1) {
+        for (int64_t i = 0; i < nq_; ++i)
+          for (int64_t t = t0; t < t1; ++t) center_[t] += q[i * d_ + t];
+      });
       for (auto& c : center_) c /= static_cast<double>(nq_);
     }
     qtr_.resize(nq_);
     qpacked_ = at::empty({nq_, d_}, at::CppTypeToScalarType<scalar_t>::value);
     qnorm_.resize(nq_);
     scalar_t* out = qpacked_.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < nq_; ++i) {
-      qtr_[i] = row_transform(q + i * d_, d_, metric_, "query", i);
+    const int64_t undefined = first_bad_query([&](int64_t i) {
+      if (!try_row_transform(q + i * d_, d_, metric_, &qtr_[i])) return true;
       double norm = 0;
       for (int64_t t = 0; t < d_; ++t) {
         const scalar_t v = static_cast<scalar_t>((q[i * d_ + t] - qtr_[i].shift - center_[t]) * qtr_[i].scale);
@@ -155,9 +168,24 @@ class ExactSearch {
         norm += static_cast<double>(v) * static_cast<double>(v);
       }
       qnorm_[i] = norm;
-    }
+      return false;
+    });
+    if (undefined >= 0) row_transform(q + undefined * d_, d_, metric_, "query", undefined);  // throws its message
     heaps_.assign(nq_ * candidates_, Entry<scalar_t>{});
     heap_sizes_.assign(nq_, 0);
+  }
+
+  // Runs bad(i) for every query, in parallel; returns the first i for which it was true, or −1.
+  template <typename Bad>
+  int64_t first_bad_query(Bad bad) const {
+    std::vector<int64_t> first(at::get_num_threads() + 1, std::numeric_limits<int64_t>::max());
+    at::parallel_for(0, nq_, 16, [&](int64_t begin, int64_t end) {
+      int64_t& mine = first[at::get_thread_num()];
+      for (int64_t i = begin; i < end; ++i)
+        if (bad(i)) mine = std::min(mine, i);
+    });
+    const int64_t i = *std::min_element(first.begin(), first.end());
+    return i == std::numeric_limits<int64_t>::max() ? -1 : i;
   }
 
   // Pack one reference tile: transform to scalar_t, norms, NaN/Inf check (first bad row is global). The layout is
@@ -166,6 +194,9 @@ class ExactSearch {
   // + j0) holding NaN/Inf, or −1; the caller reports it (check_ref_rows).
   int64_t pack_ref_tile(int64_t j0, int64_t rows, int64_t w, int64_t step, int64_t padded, scalar_t* packed,
                      scalar_t* norms, double* max_norm) {
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<ref_t, float>) {
+      if (direct_rows_ && w == kPanel) return pack_ref_panels(j0, rows, step, padded, packed, norms, max_norm);
+    }
     std::vector<int64_t> bad_rows(at::get_num_threads() + 1, std::numeric_limits<int64_t>::max());
     std::vector<double> max_norms(at::get_num_threads() + 1, 0.0);
     at::parallel_for(0, padded / w, std::max<int64_t>(1, 64 / w), [&](int64_t begin, int64_t end) {
@@ -199,6 +230,51 @@ class ExactSearch {
     for (double m : max_norms) *max_norm = std::max(*max_norm, m);
     const int64_t bad = *std::min_element(bad_rows.begin(), bad_rows.end());
     return bad == std::numeric_limits<int64_t>::max() ? -1 : bad;
+  }
+
+  // pack_ref_tile for contiguous float32 references under the L2 metrics: the same values and norms, computed
+  // with AVX2 one 16-row panel at a time (knn_rows.h) instead of through a float64 copy and a strided scatter.
+  int64_t pack_ref_panels(int64_t j0, int64_t rows, int64_t step, int64_t padded, float* packed, float* norms,
+                          double* max_norm) {
+    std::vector<int64_t> bad_rows(at::get_num_threads() + 1, std::numeric_limits<int64_t>::max());
+    std::vector<double> max_norms(at::get_num_threads() + 1, 0.0);
+    at::parallel_for(0, padded / kPanel, 4, [&](int64_t begin, int64_t end) {
+      std::vector<float> panel(kPanel * d_);
+      const int tid = at::get_thread_num();
+      for (int64_t p = begin; p < end; ++p) {
+        for (int64_t i = 0; i < kPanel; ++i) {
+          const int64_t r = p * kPanel + i;
+          float* values = panel.data() + i * d_;
+          const float* row = r < rows ? ref_.data + (j0 + r) * ref_.s0 : nullptr;
+          if (row == nullptr || has_non_finite(row, d_)) {
+            if (row != nullptr) bad_rows[tid] = std::min(bad_rows[tid], j0 + r);
+            std::fill(values, values + d_, 0.0f);
+            norms[r] = std::numeric_limits<float>::infinity();
+            continue;
+          }
+          const double norm = center_row(row, center_.data(), d_, values);
+          norms[r] = static_cast<float>(norm);
+          max_norms[tid] = std::max(max_norms[tid], norm);
+        }
+        for (int64_t pc = 0; pc < d_; pc += step) {
+          const int64_t kc = std::min(step, d_ - pc);
+          store_panel<kPanel>(panel.data() + pc, d_, kc, packed + pc * padded + p * kPanel * kc);
+        }
+      }
+    });
+    for (double m : max_norms) *max_norm = std::max(*max_norm, m);
+    const int64_t bad = *std::min_element(bad_rows.begin(), bad_rows.end());
+    return bad == std::numeric_limits<int64_t>::max() ? -1 : bad;
+  }
+
+  // Exact distance (transformed squared-L2 units) of query i to reference row j (local index); row: d_ scratch.
+  double exact_to_ref(int64_t i, int64_t j, double* row) const {
+    if constexpr (std::is_same_v<ref_t, float>) {
+      if (direct_rows_) return sq_distance(qrow(i), ref_.data + j * ref_.s0, d_);
+    }
+    ref_.read(j, row);
+    const RowTransform tr = row_transform(row, d_, metric_, "ref", j + offset_);
+    return exact_distance(qrow(i), qtr_[i], row, tr, d_);
   }
 
   void check_ref_rows(int64_t bad) const {
@@ -294,8 +370,10 @@ class ExactSearch {
     const int64_t threads = at::get_num_threads();
     const int64_t step = depth_step(d_), qpadded = (nq_ + kRows - 1) / kRows * kRows;
     at::Tensor qpanels = at::empty({qpadded * d_}, at::kFloat);
-    pack_blocked<kRows>(reinterpret_cast<const float*>(qpacked_.data_ptr<scalar_t>()), nq_, d_, step, qpadded, 0,
-                        qpadded, qpanels.data_ptr<float>());
+    at::parallel_for(0, qpadded / kRows, 16, [&](int64_t begin, int64_t end) {
+      pack_blocked<kRows>(reinterpret_cast<const float*>(qpacked_.data_ptr<scalar_t>()), nq_, d_, step, qpadded,
+                          begin * kRows, end * kRows, qpanels.data_ptr<float>());
+    });
     const int64_t cbuf = kMc * kNc;
     at::Tensor cbufs = at::empty({threads * cbuf}, at::kFloat);
     const int64_t qblocks = (nq_ + kMc - 1) / kMc, lanes = lane_count(qblocks, kNc);
@@ -360,10 +438,7 @@ class ExactSearch {
         const int64_t size = heap_sizes_[i];
         exact.clear();
         for (int64_t c = 0; c < size; ++c) {
-          const int64_t j = heap[c].index - offset_;
-          ref_.read(j, row.data());
-          const RowTransform tr = row_transform(row.data(), d_, metric_, "ref", heap[c].index);
-          exact.emplace_back(exact_distance(qrow(i), qtr_[i], row.data(), tr, d_), heap[c].index);
+          exact.emplace_back(exact_to_ref(i, heap[c].index - offset_, row.data()), heap[c].index);
         }
         std::sort(exact.begin(), exact.end());
         write_row(i, exact);
@@ -407,9 +482,7 @@ class ExactSearch {
         for (int64_t j = 0; j < ref_.rows; ++j) {
           const int64_t jg = j + offset_;
           if (jg == self_index(i)) continue;
-          ref_.read(j, row.data());
-          const RowTransform tr = row_transform(row.data(), d_, metric_, "ref", jg);
-          const std::pair<double, int64_t> cand{exact_distance(qrow(i), qtr_[i], row.data(), tr, d_), jg};
+          const std::pair<double, int64_t> cand{exact_to_ref(i, j, row.data()), jg};
           if (static_cast<int64_t>(best.size()) < k_) {
             best.push_back(cand);
             std::push_heap(best.begin(), best.end());
@@ -442,6 +515,7 @@ class ExactSearch {
   int64_t workspace_bytes_;
   StridedRows<ref_t> ref_;
   int64_t candidates_ = 0, failed_queries_ = 0;
+  bool direct_rows_ = false;  // contiguous float32 references under an L2 metric: the knn_rows.h fast paths
   at::Tensor query_, qpacked_, dist_, index_;
   std::vector<double> center_, qnorm_;
   std::vector<RowTransform> qtr_;

@@ -1,0 +1,111 @@
+// Vectorised per-row work of the CPU kNN for float32 rows under the L2 metrics (AVX2): checking, centring and
+// packing a reference row, and the exact float64 distance of the re-rank.
+//
+// Why: once the inner products run near the FMA peak (knn_packed.h), this scalar per-row work (a float64 copy of
+// every row, a strided scatter per feature) was 8–10% of a search at d ≥ 512. The packed values and norms are
+// exactly those of the scalar code in knn.cpp (same operations, same four interleaved partial sums).
+#pragma once
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace biasfast {
+
+// Whether row[0, d) holds a NaN or an Inf.
+__attribute__((target("avx2"))) inline bool has_non_finite(const float* row, int64_t d) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 inf = _mm256_set1_ps(INFINITY);
+  __m256 bad = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= d; t += 8)  // |x| !< inf: Inf, or NaN (unordered)
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(_mm256_loadu_ps(row + t), abs_mask), inf, _CMP_NLT_UQ));
+  if (!_mm256_testz_ps(bad, bad)) return true;
+  for (; t < d; ++t)
+    if (!std::isfinite(row[t])) return true;
+  return false;
+}
+
+// out[t] = float(row[t] − center[t]) (the difference in float64, rounded once); returns Σ out[t]² in float64,
+// summed as sum_of_squares does (partial sum t mod 4, then (s0 + s1) + (s2 + s3)).
+__attribute__((target("avx2"))) inline double center_row(const float* row, const double* center, int64_t d,
+                                                         float* out) {
+  __m256d acc = _mm256_setzero_pd();
+  int64_t t = 0;
+  for (; t + 4 <= d; t += 4) {
+    const __m128 v = _mm256_cvtpd_ps(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(row + t)), _mm256_loadu_pd(center + t)));
+    _mm_storeu_ps(out + t, v);
+    const __m256d w = _mm256_cvtps_pd(v);
+    acc = _mm256_add_pd(acc, _mm256_mul_pd(w, w));
+  }
+  alignas(32) double s[4];
+  _mm256_store_pd(s, acc);
+  for (; t < d; ++t) {
+    out[t] = static_cast<float>(static_cast<double>(row[t]) - center[t]);
+    const double w = out[t];
+    s[0] += w * w;
+  }
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+// Σ (x[t] − y[t])² in float64 for a float64 row x and a float32 row y: 16 partial sums (t mod 16), four
+// independent add chains so the loop is not bound by the add latency.
+__attribute__((target("avx2"))) inline double sq_distance(const double* x, const float* y, int64_t d) {
+  __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+  int64_t t = 0;
+  for (; t + 16 <= d; t += 16) {
+    for (int u = 0; u < 4; ++u) {
+      const __m256d v = _mm256_sub_pd(_mm256_loadu_pd(x + t + 4 * u), _mm256_cvtps_pd(_mm_loadu_ps(y + t + 4 * u)));
+      acc[u] = _mm256_add_pd(acc[u], _mm256_mul_pd(v, v));
+    }
+  }
+  for (; t + 4 <= d; t += 4) {
+    const __m256d v = _mm256_sub_pd(_mm256_loadu_pd(x + t), _mm256_cvtps_pd(_mm_loadu_ps(y + t)));
+    acc[0] = _mm256_add_pd(acc[0], _mm256_mul_pd(v, v));
+  }
+  alignas(32) double s[4];
+  _mm256_store_pd(s, _mm256_add_pd(_mm256_add_pd(acc[0], acc[1]), _mm256_add_pd(acc[2], acc[3])));
+  for (; t < d; ++t) {
+    const double v = x[t] - static_cast<double>(y[t]);
+    s[0] += v * v;
+  }
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+// Transpose the 8 × 8 block held in r (row i in r[i]) in place.
+__attribute__((target("avx2"))) inline void transpose_8x8(__m256 (&r)[8]) {
+  __m256 t[8], s[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // rows 0–3 (h = 0) and 4–7 (h = 1)
+    s[4 * h + 0] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    s[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    s[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    s[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(s[i], s[4 + i], 0x20);
+    r[4 + i] = _mm256_permute2f128_ps(s[i], s[4 + i], 0x31);
+  }
+}
+
+// Write features [0, kc) of the W rows rows[i · stride + ·] as one panel block out[t · W + i] (W a multiple of 8).
+template <int64_t W>
+__attribute__((target("avx2"))) inline void store_panel(const float* rows, int64_t stride, int64_t kc, float* out) {
+  static_assert(W % 8 == 0, "panels of whole 8-row groups");
+  int64_t t = 0;
+  for (; t + 8 <= kc; t += 8) {
+    for (int64_t g = 0; g < W; g += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows + (g + i) * stride + t);
+      transpose_8x8(r);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + (t + i) * W + g, r[i]);
+    }
+  }
+  for (; t < kc; ++t)
+    for (int64_t i = 0; i < W; ++i) out[t * W + i] = rows[i * stride + t];
+}
+
+}  // namespace biasfast

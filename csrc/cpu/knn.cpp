@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -288,29 +289,37 @@ class ExactSearch {
     scan_gemm();
   }
 
-  // Lanes: one per thread, each owning a contiguous reference range, its own tiles and its own heaps (lane 0:
-  // the result heaps; the others merged into them at the end), so a search is one parallel region with no
-  // barrier per tile. With few references and many queries one lane (lanes = 1) scans each tile in parallel
-  // over query blocks instead. per_tile(lane, j0, padded, panels, panel_norms) scans one packed tile
+  // Lanes: one per thread, each with its own tile workspace and its own heaps (lane 0: the result heaps; the
+  // others merged into them at the end), so a search is one parallel region with no barrier per tile. The
+  // references are cut into equal tiles (at most `tile` rows, their count a multiple of the lanes) that the lanes
+  // claim in order, so a core slowed by a neighbour does not hold the others up; the merged heaps are the same
+  // whichever lane scanned a tile. With few references and many queries one lane (lanes = 1) scans each tile in
+  // parallel over query blocks instead. per_tile(lane, j0, padded, panels, panel_norms) scans one packed tile
   // (pack_ref_tile with 16-row panels in depth blocks of `step`); it runs inside the lane's thread.
   template <typename PerTile>
   void scan_in_lanes(int64_t lanes, int64_t tile, int64_t step, PerTile per_tile) {
-    const int64_t share = ((ref_.rows + lanes - 1) / lanes + kPanel - 1) / kPanel * kPanel;
-    tile = std::min(tile, share);
+    const int64_t tiles = ((ref_.rows + tile - 1) / tile + lanes - 1) / lanes * lanes;
+    tile = ((ref_.rows + tiles - 1) / tiles + kPanel - 1) / kPanel * kPanel;
     at::Tensor workspace = at::empty({lanes * (tile * d_ + tile)}, at::kFloat);
     lane_heaps_.assign((lanes - 1) * nq_ * candidates_, Entry<float>{});
     lane_sizes_.assign((lanes - 1) * nq_, 0);
     std::vector<int64_t> lane_bad(lanes, -1);
     std::vector<double> lane_max(lanes, 0.0);
+    std::atomic<int64_t> next_tile{0};
+    std::atomic<bool> stop{false};  // a bad row was found: claim no more tiles
     auto scan_lane = [&](int64_t lane) {
       float* panels = workspace.data_ptr<float>() + lane * (tile * d_ + tile);
       float* panel_norms = panels + tile * d_;
-      const int64_t r0 = std::min(lane * share, ref_.rows), r1 = std::min(r0 + share, ref_.rows);
-      for (int64_t j0 = r0; j0 < r1; j0 += tile) {
-        const int64_t nr = std::min(tile, r1 - j0), padded = (nr + kPanel - 1) / kPanel * kPanel;
+      while (!stop) {
+        const int64_t j0 = next_tile++ * tile;
+        if (j0 >= ref_.rows) return;
+        const int64_t nr = std::min(tile, ref_.rows - j0), padded = (nr + kPanel - 1) / kPanel * kPanel;
         lane_bad[lane] = pack_ref_tile(j0, nr, kPanel, step, padded, reinterpret_cast<scalar_t*>(panels),
                                        reinterpret_cast<scalar_t*>(panel_norms), &lane_max[lane]);
-        if (lane_bad[lane] >= 0) return;
+        if (lane_bad[lane] >= 0) {
+          stop = true;
+          return;
+        }
         per_tile(lane, j0, padded, panels, panel_norms);
       }
     };
@@ -321,7 +330,12 @@ class ExactSearch {
         for (int64_t lane = begin; lane < end; ++lane) scan_lane(lane);
       });
     }
-    for (int64_t bad : lane_bad) check_ref_rows(bad);  // lanes hold increasing ranges: the first is the global first
+    // Tiles are claimed in order and packed whole, so every tile before a bad one was checked: the least bad row
+    // over the lanes is the global first.
+    int64_t first_bad = -1;
+    for (int64_t bad : lane_bad)
+      if (bad >= 0 && (first_bad < 0 || bad < first_bad)) first_bad = bad;
+    check_ref_rows(first_bad);
     for (int64_t lane = 1; lane < lanes; ++lane)
       merge_heaps(reinterpret_cast<Entry<float>*>(heaps_.data()), heap_sizes_.data(), lane_entries(lane),
                   lane_sizes(lane), nq_, candidates_);

@@ -282,11 +282,23 @@ def test_nan_and_inf_name_the_tensor_and_first_bad_row():
     wide[900, 0] = float("inf")
     with pytest.raises(ValueError, match=r"ref.*NaN or Inf \(first bad row 900\)"):
         biasfast.knn(torch.randn(4, 300), wide)
+    many_tiles = torch.randn(5000, 517)  # tiles claimed by lanes in turn: the reported row is still the first
+    for row in (4990, 3333, 1777):
+        many_tiles[row, row % 517] = float("nan")
+    with pytest.raises(ValueError, match=r"ref.*NaN or Inf \(first bad row 1777\)"):
+        biasfast.knn(torch.randn(20, 517), many_tiles, workspace_mb=1)
     query[2, 2] = float("inf")
     with pytest.raises(ValueError, match=r"query.*NaN or Inf \(first bad row 2\)"):
         biasfast.knn(query, ref[:10])
     with pytest.raises(ValueError, match=r"x: contains NaN or Inf \(first bad row 2\)"):
         biasfast.pairwise_distances(query, ref[:10])
+
+
+def test_undefined_rows_name_the_first_one():
+    query = torch.randn(500, 40)  # query rows are prepared in parallel: the message names the least bad row
+    query[[431, 97, 250]] = 3.0
+    with pytest.raises(ValueError, match=r"query.*row 97 is constant"):
+        biasfast.knn(query, torch.randn(30, 40), metric="pearson")
 
 
 def test_tensors_on_different_devices():

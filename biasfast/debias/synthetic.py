@@ -16,6 +16,7 @@ import torch
 
 from biasfast.data.colored_digits import NUM_CLASSES, ColoredDigits, check_labelled_images
 from biasfast.schedules import NoiseSchedule
+from biasfast.training import load_checkpoint, save_atomic
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ class DiffusionSource:
     def __call__(self, data: ColoredDigits, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         path = self.cache_path(data, seed)
         if path is not None and path.exists():
-            images, labels = torch.load(path)
+            images, labels = load_checkpoint(str(path))
             self.log(f"  synthetic: {labels.numel()} images from {path}")
             return images, labels
         start = time.perf_counter()
@@ -136,6 +137,5 @@ class DiffusionSource:
         images, labels = generate(model, schedule, tuple(data.train.images.shape[1:]), self.config, seed=seed)
         self.log(f"  synthetic: {labels.numel()} images in {time.perf_counter() - start:.0f}s")
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save((images, labels), path)
+            save_atomic((images, labels), str(path))
         return images, labels

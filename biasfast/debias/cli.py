@@ -22,6 +22,7 @@ from biasfast.debias.benchmark import (
     table_report,
     with_overrides,
 )
+from biasfast.tracker import _write_atomically
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="CI-sized run (≤ 5 minutes)")
     p.add_argument("--seeds", type=int, help="number of seeds (default 3)")
     p.add_argument("--guidance-scale", type=float, help="CFG scale for the synthetic images (diffusers convention)")
-    p.add_argument("--per-class", type=int, help="synthetic images per class (default 1000)")
+    p.add_argument("--per-class", type=int, help="synthetic images per class (default 400; 100 with --quick)")
     p.add_argument("--cache-dir", type=Path, default=Path("runs/debias-synthetic"),
                    help="where the synthetic images of each (ratio, seed) are cached; '' disables")
     p.add_argument("--jobs", type=int, default=1, help="worker processes, one (ratio, seed) cell each at a time")
@@ -89,8 +90,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"{elapsed / 60:.1f} min wall, {cpu / 60:.1f} min CPU ({args.jobs} job(s))")
     if args.table:
         command = "biasfast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table_report(results, command=command, elapsed_s=elapsed, cpu_s=cpu, config=config,
-                                         notes=getattr(synthetic, "description", "")))
+        report = table_report(results, command=command, elapsed_s=elapsed, cpu_s=cpu, config=config,
+                              notes=getattr(synthetic, "description", ""))
+        _write_atomically(args.out, lambda stream: stream.write(report), "w")
         print(f"wrote {args.out}")
     return 0

@@ -294,11 +294,30 @@ def test_nan_and_inf_name_the_tensor_and_first_bad_row():
         biasfast.pairwise_distances(query, ref[:10])
 
 
+@pytest.mark.parametrize("metric", ["cosine", "pearson"])
+def test_standardised_metrics_leave_the_inputs_alone(metric):
+    # cosine / pearson transform a float64 copy of the queries in place: never the caller's tensor.
+    query = torch.randn(37, 301, dtype=torch.float64) + 3.0
+    ref = torch.randn(211, 301) + 3.0
+    query_before, ref_before = query.clone(), ref.clone()
+    dist, index = biasfast.knn(query, ref, k=4, metric=metric)
+    assert torch.equal(query, query_before) and torch.equal(ref, ref_before)
+    assert_exact_knn(dist, index, query, ref.double(), 4, metric)
+
+
 def test_undefined_rows_name_the_first_one():
     query = torch.randn(500, 40)  # query rows are prepared in parallel: the message names the least bad row
     query[[431, 97, 250]] = 3.0
     with pytest.raises(ValueError, match=r"query.*row 97 is constant"):
         biasfast.knn(query, torch.randn(30, 40), metric="pearson")
+    ref = torch.randn(4000, 300)  # many tiles claimed by the lanes; a constant row before a NaN row
+    ref[3100, 5] = float("nan")
+    ref[[3500, 2222]] = -1.5
+    with pytest.raises(ValueError, match=r"ref.*row 2222 is constant"):
+        biasfast.knn(torch.randn(8, 300), ref, metric="pearson", workspace_mb=2)
+    ref[1000, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"ref.*NaN or Inf \(first bad row 1000\)"):
+        biasfast.knn(torch.randn(8, 300), ref, metric="pearson", workspace_mb=2)
 
 
 def test_tensors_on_different_devices():

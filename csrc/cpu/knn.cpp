@@ -124,10 +124,13 @@ class ExactSearch {
       : nq_(query.size(0)), d_(query.size(1)), k_(k), metric_(metric), offset_(offset), exclude_self_(exclude_self),
         workspace_bytes_(workspace_bytes),
         ref_{ref.data_ptr<ref_t>(), ref.size(0), ref.size(1), ref.stride(0), ref.stride(1)} {
-    query_ = query.to(at::kDouble).contiguous();  // originals, exact in float64
+    // Exact in float64, and our own copy: for cosine / pearson prepare_queries transforms it in place.
+    query_ = query.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous();
     candidates_ = std::min<int64_t>(k_ + std::max<int64_t>(8, k_ / 4), ref_.rows);
-    direct_rows_ = std::is_same_v<ref_t, float> && ref_.s1 == 1 &&
-                   (metric_ == Metric::SqEuclidean || metric_ == Metric::L2) && cpu_has_avx2_fma();
+    // The float32 kernels pack through pack_ref_panels, which also records the references' transforms.
+    direct_rows_ = std::is_same_v<scalar_t, float> && std::is_same_v<ref_t, float> && ref_.s1 == 1 &&
+                   cpu_has_avx2_fma();
+    if (direct_rows_ && !is_l2()) ref_tr_.resize(ref_.rows);
   }
 
   std::tuple<at::Tensor, at::Tensor> run() {
@@ -140,6 +143,7 @@ class ExactSearch {
 
  private:
   const double* qrow(int64_t i) const { return query_.data_ptr<double>() + i * d_; }
+  bool is_l2() const { return metric_ == Metric::SqEuclidean || metric_ == Metric::L2; }
   int64_t self_index(int64_t i) const { return exclude_self_ ? i : -1; }
 
   void prepare_queries() {
@@ -172,6 +176,17 @@ class ExactSearch {
       return false;
     });
     if (undefined >= 0) row_transform(q + undefined * d_, d_, metric_, "query", undefined);  // throws its message
+    if (!is_l2()) {
+      // The exact distances only ever use the transformed query (x − shift) / norm: store it, computed as
+      // exact_distance computes it, so the re-rank divides only the reference side.
+      double* qm = query_.data_ptr<double>();
+      at::parallel_for(0, nq_, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          for (int64_t t = 0; t < d_; ++t) qm[i * d_ + t] = (qm[i * d_ + t] - qtr_[i].shift) / qtr_[i].norm;
+          qtr_[i] = RowTransform{};
+        }
+      });
+    }
     heaps_.assign(nq_ * candidates_, Entry<scalar_t>{});
     heap_sizes_.assign(nq_, 0);
   }
@@ -196,7 +211,10 @@ class ExactSearch {
   int64_t pack_ref_tile(int64_t j0, int64_t rows, int64_t w, int64_t step, int64_t padded, scalar_t* packed,
                      scalar_t* norms, double* max_norm) {
     if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<ref_t, float>) {
-      if (direct_rows_ && w == kPanel) return pack_ref_panels(j0, rows, step, padded, packed, norms, max_norm);
+      if (direct_rows_) {
+        TORCH_INTERNAL_ASSERT(w == kPanel, "the float32 kernels pack 16-row panels");
+        return pack_ref_panels(j0, rows, step, padded, packed, norms, max_norm);
+      }
     }
     std::vector<int64_t> bad_rows(at::get_num_threads() + 1, std::numeric_limits<int64_t>::max());
     std::vector<double> max_norms(at::get_num_threads() + 1, 0.0);
@@ -233,8 +251,10 @@ class ExactSearch {
     return bad == std::numeric_limits<int64_t>::max() ? -1 : bad;
   }
 
-  // pack_ref_tile for contiguous float32 references under the L2 metrics: the same values and norms, computed
-  // with AVX2 one 16-row panel at a time (knn_rows.h) instead of through a float64 copy and a strided scatter.
+  // pack_ref_tile for contiguous float32 references: the same packed values, computed with AVX2 one 16-row panel
+  // at a time (knn_rows.h) instead of through a float64 copy and a strided scatter. Keeps each row's
+  // cosine / pearson transform (ref_tr_) for the re-rank. A bad row is a NaN / Inf or an undefined transform
+  // (check_ref_rows tells which).
   int64_t pack_ref_panels(int64_t j0, int64_t rows, int64_t step, int64_t padded, float* packed, float* norms,
                           double* max_norm) {
     std::vector<int64_t> bad_rows(at::get_num_threads() + 1, std::numeric_limits<int64_t>::max());
@@ -253,7 +273,19 @@ class ExactSearch {
             norms[r] = std::numeric_limits<float>::infinity();
             continue;
           }
-          const double norm = center_row(row, center_.data(), d_, values);
+          RowTransform tr;
+          if (!is_l2()) {
+            if (metric_ == Metric::Pearson) tr.shift = row_sum(row, d_) / static_cast<double>(d_);
+            const double ss = row_sum_of_squares(row, tr.shift, d_);
+            if (!(ss > 0)) {
+              bad_rows[tid] = std::min(bad_rows[tid], j0 + r);
+              continue;
+            }
+            tr.norm = std::sqrt(ss);
+            tr.scale = 1.0 / tr.norm;
+            ref_tr_[j0 + r] = tr;
+          }
+          const double norm = transform_row(row, tr.shift, center_.data(), tr.scale, d_, values);
           norms[r] = static_cast<float>(norm);
           max_norms[tid] = std::max(max_norms[tid], norm);
         }
@@ -271,15 +303,25 @@ class ExactSearch {
   // Exact distance (transformed squared-L2 units) of query i to reference row j (local index); row: d_ scratch.
   double exact_to_ref(int64_t i, int64_t j, double* row) const {
     if constexpr (std::is_same_v<ref_t, float>) {
-      if (direct_rows_) return sq_distance(qrow(i), ref_.data + j * ref_.s0, d_);
+      if (direct_rows_) {
+        const float* y = ref_.data + j * ref_.s0;
+        if (is_l2()) return sq_distance(qrow(i), y, d_);
+        return sq_distance_affine(qrow(i), y, ref_tr_[j].shift, ref_tr_[j].norm, d_);
+      }
     }
     ref_.read(j, row);
     const RowTransform tr = row_transform(row, d_, metric_, "ref", j + offset_);
     return exact_distance(qrow(i), qtr_[i], row, tr, d_);
   }
 
+  // Reports the bad row `bad` (local index; −1: none): NaN / Inf, or else its undefined transform.
   void check_ref_rows(int64_t bad) const {
-    BIASFAST_CHECK_ARG(bad < 0, "ref", "contains NaN or Inf (first bad row ", bad + offset_, ")");
+    if (bad < 0) return;
+    std::vector<double> row(d_);
+    ref_.read(bad, row.data());
+    BIASFAST_CHECK_ARG(first_non_finite_row(row.data(), 1, d_) < 0, "ref", "contains NaN or Inf (first bad row ",
+                       bad + offset_, ")");
+    row_transform(row.data(), d_, metric_, "ref", bad + offset_);  // throws: the row's transform is undefined
   }
 
   void scan() {
@@ -529,10 +571,11 @@ class ExactSearch {
   int64_t workspace_bytes_;
   StridedRows<ref_t> ref_;
   int64_t candidates_ = 0, failed_queries_ = 0;
-  bool direct_rows_ = false;  // contiguous float32 references under an L2 metric: the knn_rows.h fast paths
+  bool direct_rows_ = false;  // contiguous float32 references (and AVX2): the knn_rows.h fast paths
   at::Tensor query_, qpacked_, dist_, index_;
   std::vector<double> center_, qnorm_;
   std::vector<RowTransform> qtr_;
+  std::vector<RowTransform> ref_tr_;  // cosine / pearson transforms of the references (direct_rows_ only)
   std::vector<Entry<scalar_t>> heaps_;
   std::vector<int64_t> heap_sizes_;
   std::vector<Entry<float>> lane_heaps_;  // heaps of lanes 1.. (scan_in_lanes)

@@ -269,6 +269,15 @@ def test_bad_input_names_the_argument(kwargs, error, match):
         biasfast.knn(**args)
 
 
+def test_workspace_too_small_for_the_feature_size():
+    # The packed path keeps a 16-row tile per thread plus its partial sums inside workspace_mb, or says why not.
+    with pytest.raises(ValueError, match=r"workspace_mb.*too small for feature size 9000"):
+        biasfast.knn(torch.randn(4, 9000), torch.randn(40, 9000), workspace_mb=1)
+    query, ref = torch.randn(4, 9000), torch.randn(40, 9000)
+    dist, index = biasfast.knn(query, ref, k=3, workspace_mb=4)
+    assert_exact_knn(dist, index, query, ref, 3, "l2")
+
+
 def test_nan_and_inf_name_the_tensor_and_first_bad_row():
     query, ref = torch.randn(4, 3), torch.randn(3000, 3)
     ref[2100, 1] = float("nan")

@@ -430,12 +430,11 @@ class ExactSearch {
       pack_blocked<kRows>(reinterpret_cast<const float*>(qpacked_.data_ptr<scalar_t>()), nq_, d_, step, qpadded,
                           begin * kRows, end * kRows, qpanels.data_ptr<float>());
     });
-    const int64_t cbuf = kMc * kNc;
-    at::Tensor cbufs = at::empty({threads * cbuf}, at::kFloat);
     const int64_t qblocks = (nq_ + kMc - 1) / kMc, lanes = lane_count(qblocks, kNc);
-    const int64_t budget = std::max<int64_t>(workspace_bytes_ / 4 - threads * cbuf, 0) / lanes;
-    const int64_t l3_rows = std::max<int64_t>(kTileBytes / (4 * d_), kNc) / kPanel * kPanel;
-    const int64_t tile = std::min(std::max(budget / (d_ + 1) / kPanel * kPanel, kPanel), l3_rows);
+    const PackedPlan plan = plan_packed(lanes, threads);
+    const int64_t cbuf = kMc * plan.block;
+    at::Tensor cbufs = at::empty({threads * cbuf}, at::kFloat);
+    const int64_t tile = plan.tile;
     scan_in_lanes(lanes, tile, step, [&](int64_t lane, int64_t j0, int64_t padded, const float* panels,
                                          const float* panel_norms) {
       auto scan_blocks = [&](int64_t begin, int64_t end) {
@@ -445,11 +444,31 @@ class ExactSearch {
           const QueryBlock block{qpanels.data_ptr<float>(), qpadded, i0, std::min(kMc, nq_ - i0),
                                  lane_entries(lane) + i0 * candidates_, lane_sizes(lane) + i0, candidates_,
                                  exclude_self_};
-          packed_scan_block(block, panels, panel_norms, padded, 0, padded, d_, j0 + offset_, cbuf_t);
+          packed_scan_block(block, panels, panel_norms, padded, 0, padded, d_, j0 + offset_, plan.block, cbuf_t);
         }
       };
       if (lanes == 1) at::parallel_for(0, qblocks, 1, scan_blocks); else scan_blocks(0, qblocks);
     });
+  }
+
+  // Reference rows per packed tile and per partial-sum block of scan_packed.
+  struct PackedPlan {
+    int64_t tile, block;
+  };
+
+  // The largest tile (at most what stays in L3) whose buffers fit the workspace: each lane a packed tile of
+  // tile × (d + 1) floats, each thread kMc × block partial sums (block = min(tile, kNc)) and one 16-row panel of
+  // packing scratch.
+  PackedPlan plan_packed(int64_t lanes, int64_t threads) const {
+    const int64_t floats = workspace_bytes_ / 4 - threads * kPanel * d_;
+    const int64_t l3_rows = std::max<int64_t>(kTileBytes / (4 * d_), kNc) / kPanel * kPanel;
+    const int64_t full_blocks = floats - threads * kMc * kNc;  // room left once the partial sums are full size
+    int64_t tile = full_blocks >= lanes * kNc * (d_ + 1) ? full_blocks / (lanes * (d_ + 1))
+                                                          : floats / (lanes * (d_ + 1) + threads * kMc);
+    tile = std::min(tile, l3_rows) / kPanel * kPanel;
+    BIASFAST_CHECK_ARG(tile >= kPanel, "workspace_mb", "too small for feature size ", d_, " (", workspace_bytes_ >> 20,
+                       " MB holds fewer than ", kPanel, " packed references per thread)");
+    return {tile, std::min(tile, kNc)};
   }
 
   // Any d: inner-product blocks through the BLAS (at::mm), then the selection.

@@ -102,13 +102,15 @@ struct QueryBlock {
 
 // Feed references [r0, r1) of the packed tile (pack_blocked<kPanel> with depth_step(d), `padded` rows, and their
 // norms; r0, r1 multiples of kPanel, global index of tile row 0 = base) to every query of the block.
-// cbuf holds kMc × kNc floats of partial sums.
+// References are taken `block` (≤ kNc, a multiple of kPanel) at a time; cbuf holds kMc × block floats of partial
+// sums.
 __attribute__((target("avx2,fma"))) inline void packed_scan_block(const QueryBlock& q, const float* panels,
                                                                     const float* norms, int64_t padded, int64_t r0,
-                                                                    int64_t r1, int64_t d, int64_t base, float* cbuf) {
+                                                                    int64_t r1, int64_t d, int64_t base, int64_t block,
+                                                                    float* cbuf) {
   const int64_t qpanels = (q.count + kRows - 1) / kRows;
-  for (int64_t j0 = r0; j0 < r1; j0 += kNc) {
-    const int64_t j1 = std::min(r1, j0 + kNc);
+  for (int64_t j0 = r0; j0 < r1; j0 += block) {
+    const int64_t j1 = std::min(r1, j0 + block);
     const int64_t step = depth_step(d);
     for (int64_t pc = 0; pc < d; pc += step) {
       const int64_t kc = std::min(step, d - pc);

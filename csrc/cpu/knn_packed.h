@@ -118,7 +118,13 @@ __attribute__((target("avx2,fma"))) inline void packed_scan_block(const QueryBlo
       for (int64_t j = j0; j < j1; j += kPanel) {
         const float* b = panels + pc * padded + j * kc;
         float* c = cbuf + (j - j0) * kMc;
+        // The next B micro-panel (kc lines of 64 bytes) is fetched into L2 a slice per 6-query panel, so moving
+        // on to it does not wait on L3.
+        const char* next_b = reinterpret_cast<const char*>(b + kPanel * kc);
+        const int64_t lines_per_call = (kc + qpanels - 1) / qpanels;
         for (int64_t ip = 0; ip < qpanels; ++ip) {
+          for (int64_t l = ip * lines_per_call; l < std::min(kc, (ip + 1) * lines_per_call); ++l)
+            _mm_prefetch(next_b + 64 * l, _MM_HINT_T1);
           const float* a = q.panels + pc * q.padded + (q.i0 + ip * kRows) * kc;
           float* ct = c + ip * kRows * kPanel;
           const int64_t row0 = ip * kRows, rows = std::min(kRows, q.count - row0);

@@ -7,6 +7,7 @@ extra_info records the share of time spent outside the kNN calls (target ≤ 10%
 during the call next to the size of one n × N float32 matrix (which must never be held).
 """
 
+import statistics
 import threading
 import time
 
@@ -123,3 +124,34 @@ def test_bias_score(bench, benchmark, provider, n, n_train, shape):
         assert rss_growth < budget, f"bias_score grew RSS by {rss_growth} B, more than workspace + samples ({budget} B)"
     if n >= 10_000:
         assert rss_growth < matrix_bytes / 2, "bias_score held something the size of an n × N matrix"
+
+
+@pytest.mark.parametrize("n,n_train,shape", SHAPES)
+def test_bias_score_paired_with_faiss(benchmark, n, n_train, shape):
+    """bias_score and faiss's searches timed alternately (order swapped every pair): the median per-pair ratio
+    survives this machine's drift, which separately timed groups do not. Two pairs at the full size (~9 min)."""
+    pytest.importorskip("faiss")
+    benchmark.group = f"bias_score paired with faiss {n} pairs x 2x{n_train}"
+    data = _data(n, n_train, shape)
+    pairs = 1 if QUICK else 2 if n >= 10_000 else 5
+    calls = {"biasfast": lambda: _bias_score_timed(*data), "faiss": lambda: _faiss_searches(*data)}
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    knn_timings = []  # (total, inside kNN) of each bias_score call
+
+    def run_pairs():
+        for pair in range(pairs):
+            for name in ("biasfast", "faiss") if pair % 2 == 0 else ("faiss", "biasfast"):
+                start = time.perf_counter()
+                out = calls[name]()
+                times[name].append(time.perf_counter() - start)
+                if name == "biasfast":
+                    knn_timings.append(out[1:])
+
+    benchmark.pedantic(run_pairs, rounds=1, iterations=1)
+    ratios = [f / b for f, b in zip(times["faiss"], times["biasfast"])]
+    total, inner = min(knn_timings)
+    benchmark.extra_info.update(pairs=pairs, median_ratio_vs_faiss=statistics.median(ratios), ratios=ratios,
+                                outside_knn_share=1 - inner / total)
+    print(f"\n{n}x2x{n_train}: faiss/biasfast per pair {', '.join(f'{r:.2f}' for r in ratios)}; median "
+          f"{statistics.median(ratios):.2f}; biasfast {min(times['biasfast']):.2f} s, faiss "
+          f"{min(times['faiss']):.2f} s; outside kNN {100 * (1 - inner / total):.1f}% (fastest call)")

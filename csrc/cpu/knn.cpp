@@ -53,19 +53,12 @@ struct StridedRows {
 };
 
 // Shift/scale of one row for the metric; false where it is undefined (a zero or constant row).
-bool try_row_transform(const double* row, int64_t d, Metric metric, RowTransform* tr) {
+template <typename row_t>
+bool try_row_transform(const row_t* row, int64_t d, Metric metric, RowTransform* tr) {
   *tr = RowTransform{};
   if (metric == Metric::SqEuclidean || metric == Metric::L2) return true;
-  if (metric == Metric::Pearson) {
-    double sum = 0;
-    for (int64_t t = 0; t < d; ++t) sum += row[t];
-    tr->shift = sum / static_cast<double>(d);
-  }
-  double ss = 0;
-  for (int64_t t = 0; t < d; ++t) {
-    const double v = row[t] - tr->shift;
-    ss += v * v;
-  }
+  if (metric == Metric::Pearson) tr->shift = row_sum(row, d) / static_cast<double>(d);
+  const double ss = row_sum_of_squares(row, tr->shift, d);
   if (!(ss > 0)) return false;
   tr->norm = std::sqrt(ss);
   tr->scale = 1.0 / tr->norm;
@@ -125,7 +118,7 @@ class ExactSearch {
         workspace_bytes_(workspace_bytes),
         ref_{ref.data_ptr<ref_t>(), ref.size(0), ref.size(1), ref.stride(0), ref.stride(1)} {
     // Exact in float64, and our own copy: for cosine / pearson prepare_queries transforms it in place.
-    query_ = query.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    query_ = query.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
     candidates_ = std::min<int64_t>(k_ + std::max<int64_t>(8, k_ / 4), ref_.rows);
     // The float32 kernels pack through pack_ref_panels, which also records the references' transforms.
     direct_rows_ = std::is_same_v<scalar_t, float> && std::is_same_v<ref_t, float> && ref_.s1 == 1 &&
@@ -147,7 +140,8 @@ class ExactSearch {
   int64_t self_index(int64_t i) const { return exclude_self_ ? i : -1; }
 
   void prepare_queries() {
-    const double* q = query_.data_ptr<double>();
+    double* qm = query_.data_ptr<double>();  // our own copy (the constructor's)
+    const double* q = qm;
     const int64_t bad = first_bad_query([&](int64_t i) { return first_non_finite_row(q + i * d_, 1, d_) == 0; });
     BIASFAST_CHECK_ARG(bad < 0, "query", "contains NaN or Inf (first bad row ", bad, ")");
     center_.assign(d_, 0.0);
@@ -173,20 +167,15 @@ class ExactSearch {
         norm += static_cast<double>(v) * static_cast<double>(v);
       }
       qnorm_[i] = norm;
+      if (!is_l2()) {
+        // The exact distances only ever use the transformed query (x − shift) / norm: keep that in place of the
+        // row, computed as exact_distance computes it, so the re-rank divides only the reference side.
+        for (int64_t t = 0; t < d_; ++t) qm[i * d_ + t] = (qm[i * d_ + t] - qtr_[i].shift) / qtr_[i].norm;
+        qtr_[i] = RowTransform{};
+      }
       return false;
     });
     if (undefined >= 0) row_transform(q + undefined * d_, d_, metric_, "query", undefined);  // throws its message
-    if (!is_l2()) {
-      // The exact distances only ever use the transformed query (x − shift) / norm: store it, computed as
-      // exact_distance computes it, so the re-rank divides only the reference side.
-      double* qm = query_.data_ptr<double>();
-      at::parallel_for(0, nq_, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          for (int64_t t = 0; t < d_; ++t) qm[i * d_ + t] = (qm[i * d_ + t] - qtr_[i].shift) / qtr_[i].norm;
-          qtr_[i] = RowTransform{};
-        }
-      });
-    }
     heaps_.assign(nq_ * candidates_, Entry<scalar_t>{});
     heap_sizes_.assign(nq_, 0);
   }
@@ -274,17 +263,11 @@ class ExactSearch {
             continue;
           }
           RowTransform tr;
-          if (!is_l2()) {
-            if (metric_ == Metric::Pearson) tr.shift = row_sum(row, d_) / static_cast<double>(d_);
-            const double ss = row_sum_of_squares(row, tr.shift, d_);
-            if (!(ss > 0)) {
-              bad_rows[tid] = std::min(bad_rows[tid], j0 + r);
-              continue;
-            }
-            tr.norm = std::sqrt(ss);
-            tr.scale = 1.0 / tr.norm;
-            ref_tr_[j0 + r] = tr;
+          if (!try_row_transform(row, d_, metric_, &tr)) {
+            bad_rows[tid] = std::min(bad_rows[tid], j0 + r);
+            continue;
           }
+          if (!is_l2()) ref_tr_[j0 + r] = tr;
           const double norm = transform_row(row, tr.shift, center_.data(), tr.scale, d_, values);
           norms[r] = static_cast<float>(norm);
           max_norms[tid] = std::max(max_norms[tid], norm);

@@ -1,6 +1,7 @@
 // Vectorised per-row work of the CPU kNN for contiguous float32 reference rows (AVX2): checking, transforming
 // (centring for L2, standardising for cosine / pearson) and packing a row, and the exact float64 distance of the
-// re-rank.
+// re-rank. The row sums also come in a plain float64 form for the generic path, so one transform rule
+// (knn.cpp: try_row_transform) serves both.
 //
 // Why: once the inner products run near the FMA peak (knn_packed.h), this scalar per-row work (a float64 copy of
 // every row, a strided scatter per feature) was 8–10% of an L2 search at d ≥ 512 and ~20% of a pearson one.
@@ -26,6 +27,22 @@ __attribute__((target("avx2"))) inline bool has_non_finite(const float* row, int
   for (; t < d; ++t)
     if (!std::isfinite(row[t])) return true;
   return false;
+}
+
+// Σ row[t] and Σ (row[t] − shift)² of a float64 row (the generic path's rows), in order.
+inline double row_sum(const double* row, int64_t d) {
+  double sum = 0;
+  for (int64_t t = 0; t < d; ++t) sum += row[t];
+  return sum;
+}
+
+inline double row_sum_of_squares(const double* row, double shift, int64_t d) {
+  double ss = 0;
+  for (int64_t t = 0; t < d; ++t) {
+    const double v = row[t] - shift;
+    ss += v * v;
+  }
+  return ss;
 }
 
 // Σ row[t] in float64 (16 partial sums, t mod 16, then a fixed tree).

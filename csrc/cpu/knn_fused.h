@@ -76,6 +76,25 @@ __attribute__((target("avx2,fma"))) inline void select_tile_6x16(const __m256 (&
   }
 }
 
+// The 6 × 16 register tile of both kNN kernels (this one and knn_packed.h): acc[r] = Σ_{t < kc} x(r, t) · b[t][0..16),
+// b a [kc][16] reference panel and x(r, t) a pointer to query r's feature t.
+template <typename QueryAt>
+__attribute__((target("avx2,fma"))) inline void tile_6x16(QueryAt x, const float* b, int64_t kc,
+                                                            __m256 (&acc)[kRows][2]) {
+#pragma GCC unroll 6
+  for (int64_t r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+#pragma GCC unroll 4
+  for (int64_t t = 0; t < kc; ++t) {
+    const __m256 b0 = _mm256_loadu_ps(b + t * kPanel), b1 = _mm256_loadu_ps(b + t * kPanel + 8);
+#pragma GCC unroll 6
+    for (int64_t r = 0; r < kRows; ++r) {
+      const __m256 v = _mm256_broadcast_ss(x(r, t));
+      acc[r][0] = _mm256_fmadd_ps(v, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(v, b1, acc[r][1]);
+    }
+  }
+}
+
 // For queries q[0..rows) (row-major, stride d) and every panel: push ‖y‖² − 2·x·y into the queries' heaps.
 __attribute__((target("avx2,fma"))) inline void fused_scan_6x16(const float* const* q, int64_t rows,
                                                                   const float* panels, const float* norms,
@@ -84,28 +103,8 @@ __attribute__((target("avx2,fma"))) inline void fused_scan_6x16(const float* con
   float thr[kRows];
   for (int64_t r = 0; r < kRows; ++r) thr[r] = r < rows ? heaps[r].threshold() : -std::numeric_limits<float>::infinity();
   for (int64_t p = 0; p < panels_count; ++p) {
-    const float* b = panels + p * d * kPanel;
-    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
-           c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
-           c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
-           c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-#pragma GCC unroll 4
-    for (int64_t t = 0; t < d; ++t) {
-      const __m256 b0 = _mm256_loadu_ps(b + t * kPanel), b1 = _mm256_loadu_ps(b + t * kPanel + 8);
-      __m256 a = _mm256_broadcast_ss(q[0] + t);
-      c00 = _mm256_fmadd_ps(a, b0, c00), c01 = _mm256_fmadd_ps(a, b1, c01);
-      a = _mm256_broadcast_ss(q[1] + t);
-      c10 = _mm256_fmadd_ps(a, b0, c10), c11 = _mm256_fmadd_ps(a, b1, c11);
-      a = _mm256_broadcast_ss(q[2] + t);
-      c20 = _mm256_fmadd_ps(a, b0, c20), c21 = _mm256_fmadd_ps(a, b1, c21);
-      a = _mm256_broadcast_ss(q[3] + t);
-      c30 = _mm256_fmadd_ps(a, b0, c30), c31 = _mm256_fmadd_ps(a, b1, c31);
-      a = _mm256_broadcast_ss(q[4] + t);
-      c40 = _mm256_fmadd_ps(a, b0, c40), c41 = _mm256_fmadd_ps(a, b1, c41);
-      a = _mm256_broadcast_ss(q[5] + t);
-      c50 = _mm256_fmadd_ps(a, b0, c50), c51 = _mm256_fmadd_ps(a, b1, c51);
-    }
-    const __m256 acc[kRows][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    __m256 acc[kRows][2];
+    tile_6x16([q](int64_t r, int64_t t) { return q[r] + t; }, panels + p * d * kPanel, d, acc);
     select_tile_6x16(acc, norms + p * kPanel, rows, base + p * kPanel, self, heaps, thr);
   }
 }

@@ -4,7 +4,7 @@
 // (knn.cpp: try_row_transform) serves both.
 //
 // Why: once the inner products run near the FMA peak (knn_packed.h), this scalar per-row work (a float64 copy of
-// every row, a strided scatter per feature) was 8–10% of an L2 search at d ≥ 512 and ~20% of a pearson one.
+// every row, a strided scatter per feature) was 8–10% of an L2 search at d ≥ 512 and ~15% of a pearson one.
 // Values are rounded exactly as in the scalar code of knn.cpp; only the summation orders of the float64 row sums
 // differ (fixed, so equal rows still give equal results).
 #pragma once

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import biasfast
-from benchmarks.conftest import QUICK, shapes
+from benchmarks.conftest import QUICK, rotating_rounds, shapes
 
 # "tenth": n and N both 10x smaller (100x less work), for runs where the full size does not fit the time.
 SHAPES = shapes(
@@ -128,26 +128,15 @@ def test_bias_score(bench, benchmark, provider, n, n_train, shape):
 
 @pytest.mark.parametrize("n,n_train,shape", SHAPES)
 def test_bias_score_paired_with_faiss(benchmark, n, n_train, shape):
-    """bias_score and faiss's searches timed alternately (order swapped every pair): the median per-pair ratio
-    survives this machine's drift, which separately timed groups do not. Two pairs at the full size (~9 min)."""
+    """bias_score and faiss's searches in alternating order (rotating_rounds): the median per-pair ratio survives
+    this machine's drift, which separately timed groups do not. Two pairs at the full size (~9 min)."""
     pytest.importorskip("faiss")
     benchmark.group = f"bias_score paired with faiss {n} pairs x 2x{n_train}"
     data = _data(n, n_train, shape)
     pairs = 1 if QUICK else 2 if n >= 10_000 else 5
     calls = {"biasfast": lambda: _bias_score_timed(*data), "faiss": lambda: _faiss_searches(*data)}
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    knn_timings = []  # (total, inside kNN) of each bias_score call
-
-    def run_pairs():
-        for pair in range(pairs):
-            for name in ("biasfast", "faiss") if pair % 2 == 0 else ("faiss", "biasfast"):
-                start = time.perf_counter()
-                out = calls[name]()
-                times[name].append(time.perf_counter() - start)
-                if name == "biasfast":
-                    knn_timings.append(out[1:])
-
-    benchmark.pedantic(run_pairs, rounds=1, iterations=1)
+    times, outputs = rotating_rounds(benchmark, calls, pairs)
+    knn_timings = [out[1:] for out in outputs["biasfast"]]  # (total, inside kNN) of each bias_score call
     ratios = [f / b for f, b in zip(times["faiss"], times["biasfast"])]
     total, inner = min(knn_timings)
     benchmark.extra_info.update(pairs=pairs, median_ratio_vs_faiss=statistics.median(ratios), ratios=ratios,

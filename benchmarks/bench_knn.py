@@ -12,13 +12,12 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import biasfast
-from benchmarks.conftest import QUICK, shapes
+from benchmarks.conftest import QUICK, rotating_rounds, shapes
 
 try:
     import faiss
@@ -66,8 +65,7 @@ PAIRS = 2 if QUICK else 7
 @pytest.mark.parametrize("k", [1, 10])
 @pytest.mark.parametrize("nq,nr,d", SHAPES)
 def test_knn_paired_with_faiss(benchmark, nq, nr, d, k):
-    """Rounds of one call per provider (biasfast, faiss, and cdist+topk where d ≤ 128), the order rotated every
-    round, so slow spells hit every provider alike; ratios are per round, against biasfast."""
+    """biasfast, faiss and (d ≤ 128) cdist+topk in rotating order (rotating_rounds); ratios per round, vs biasfast."""
     if faiss is None:
         pytest.skip("faiss-cpu is not installed")
     benchmark.group = f"knn paired with faiss {nq}x{nr}x{d} k={k}"
@@ -78,17 +76,8 @@ def test_knn_paired_with_faiss(benchmark, nq, nr, d, k):
         calls["reference"] = lambda: cdist_topk(query, ref, k)
     for call in calls.values():
         call()  # warm-up
+    times, _ = rotating_rounds(benchmark, calls, PAIRS)
     names = list(calls)
-    times: dict[str, list[float]] = {name: [] for name in names}
-
-    def run_rounds():
-        for round_ in range(PAIRS):
-            for name in names[round_ % len(names):] + names[: round_ % len(names)]:
-                start = time.perf_counter()
-                calls[name]()
-                times[name].append(time.perf_counter() - start)
-
-    benchmark.pedantic(run_rounds, rounds=1, iterations=1)
     summary = {"rounds": PAIRS, "biasfast_min_s": min(times["biasfast"])}
     lines = []
     for name in names[1:]:

@@ -7,7 +7,8 @@ Quick: BIASFAST_BENCH_QUICK=1 pytest benchmarks --benchmark-disable   (each case
 from __future__ import annotations
 
 import os
-from typing import Callable
+import time
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -50,3 +51,23 @@ def bench(benchmark):
         return benchmark.pedantic(fn, rounds=1 if QUICK else rounds, warmup_rounds=0 if QUICK else warmup)
 
     return run
+
+
+def rotating_rounds(benchmark, calls: dict[str, Callable[[], Any]], rounds: int):
+    """One call per provider per round, the order rotated every round, so this machine's drift (up to 2× between
+    runs) hits every provider alike; compare providers by their per-round ratios. Returns each provider's times
+    and outputs, in round order."""
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    outputs: dict[str, list[Any]] = {name: [] for name in names}
+
+    def run():
+        for round_ in range(rounds):
+            shift = round_ % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                outputs[name].append(calls[name]())
+                times[name].append(time.perf_counter() - start)
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    return times, outputs

@@ -137,6 +137,34 @@ def test_certification_fallback_with_many_ties():
     assert_exact_knn(dist, index, query, ref, 5, "l2")
 
 
+@pytest.mark.parametrize("workspace_mb", [1, 256])
+def test_rechecks_then_brute_force_find_neighbours_the_rounding_hides(workspace_mb):
+    # 3000 references a few ulps apart: float32 cosine candidates cannot rank them, so the first pass misses the
+    # true neighbours. Rechecks widen the heaps 4× per round, up to every reference (256 MB), or until 40 queries'
+    # heaps outgrow the workspace (1 MB) and brute force takes over; either way the answer is exact.
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(1, 8, generator=g, dtype=torch.float64)
+    ref = (base * (1 + 1e-6 * torch.randn(3000, 8, generator=g, dtype=torch.float64))).float()
+    query = (base + 1e-3 * torch.randn(40, 8, generator=g, dtype=torch.float64)).float()
+    dist, index = biasfast.knn(query, ref, k=5, metric="cosine", workspace_mb=workspace_mb)
+    assert_exact_knn(dist, index, query, ref, 5, "cosine")
+
+
+@pytest.mark.parametrize("metric", FLOAT_METRICS)
+def test_recheck_of_near_ties_keeps_self_exclusion_by_index(metric):
+    # Scattered rows with fifteen exact copies each tie beyond the first pass's extra candidates (k + 8), so those
+    # queries are searched again with more: each must still exclude its own row, by its index in the full set.
+    g = torch.Generator().manual_seed(3)
+    ref = torch.randn(300, 24, generator=g)
+    for i, source in enumerate((7, 101, 250)):
+        ref[torch.arange(20 + i, 300, 20)] = ref[source].clone()
+    for dtype in (torch.float32, torch.float16):
+        query = ref.to(dtype)
+        dist, index = biasfast.knn(query, query, k=3, metric=metric, exclude_self=True)
+        assert_exact_knn(dist, index, query, query, 3, metric, exclude_self=True)
+        assert set(index[80].tolist()) == {7, 20, 40}, "copies of row 7, lowest indices first, row 80 excluded"
+
+
 @pytest.mark.parametrize("metric", FLOAT_METRICS)
 def test_larger_problem_spans_many_tiles(metric):
     query, ref = torch.randn(90, 67), torch.randn(3001, 67)

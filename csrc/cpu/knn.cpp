@@ -112,14 +112,17 @@ inline double exact_distance(const double* x, const RowTransform& tx, const doub
 template <typename scalar_t, typename ref_t>
 class ExactSearch {
  public:
+  // candidates: the running top-k width (0: a first pass's, k + max(8, k / 4)); ids: each query's row in the
+  // caller's query set, for exclude_self (empty: the identity).
   ExactSearch(const at::Tensor& query, const at::Tensor& ref, int64_t k, Metric metric, int64_t offset,
-              bool exclude_self, int64_t workspace_bytes)
+              bool exclude_self, int64_t workspace_bytes, int64_t candidates = 0, std::vector<int64_t> ids = {})
       : nq_(query.size(0)), d_(query.size(1)), k_(k), metric_(metric), offset_(offset), exclude_self_(exclude_self),
         workspace_bytes_(workspace_bytes),
-        ref_{ref.data_ptr<ref_t>(), ref.size(0), ref.size(1), ref.stride(0), ref.stride(1)} {
+        ref_{ref.data_ptr<ref_t>(), ref.size(0), ref.size(1), ref.stride(0), ref.stride(1)},
+        query_in_(query), ref_in_(ref), ids_(std::move(ids)) {
     // Exact in float64, and our own copy: for cosine / pearson prepare_queries transforms it in place.
     query_ = query.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
-    candidates_ = std::min<int64_t>(k_ + std::max<int64_t>(8, k_ / 4), ref_.rows);
+    candidates_ = std::min<int64_t>(candidates > 0 ? candidates : k_ + std::max<int64_t>(8, k_ / 4), ref_.rows);
     // The float32 kernels pack through pack_ref_panels, which also records the references' transforms.
     direct_rows_ = std::is_same_v<scalar_t, float> && std::is_same_v<ref_t, float> && ref_.s1 == 1 &&
                    cpu_has_avx2_fma();
@@ -127,17 +130,42 @@ class ExactSearch {
   }
 
   std::tuple<at::Tensor, at::Tensor> run() {
-    prepare_queries();
-    scan();
-    auto failed = rerank_and_certify();
-    brute_force(failed);
+    search();
     return finish();
   }
 
  private:
+  // Exact squared (transformed) distances and indices of every query in dist_ / index_.
+  void search() {
+    prepare_queries();
+    scan();
+    const auto failed = rerank_and_certify();
+    if (failed.empty()) return;
+    // Queries whose k-th neighbour is within rounding of their worst candidate (groups of near-duplicates, ties)
+    // are searched again by the same kernels with four times the candidates, as often as needed: far cheaper
+    // than brute force, which is left for when the wider heaps would not fit the workspace.
+    const int64_t wider = std::min(ref_.rows, 4 * candidates_);
+    const int64_t heap_bytes = static_cast<int64_t>(failed.size()) * wider * at::get_num_threads() *
+                               static_cast<int64_t>(sizeof(Entry<scalar_t>));  // every lane's heaps
+    const bool fits = heap_bytes <= workspace_bytes_;
+    if (wider > candidates_ && fits) recheck(failed, wider); else brute_force(failed);
+  }
+
+  void recheck(const std::vector<int64_t>& failed, int64_t candidates) {
+    std::vector<int64_t> ids(failed.size());
+    for (size_t b = 0; b < failed.size(); ++b) ids[b] = query_id(failed[b]);
+    const at::Tensor rows = at::tensor(failed, at::kLong);
+    ExactSearch sub(query_in_.index_select(0, rows), ref_in_, k_, metric_, offset_, exclude_self_, workspace_bytes_,
+                    candidates, std::move(ids));
+    sub.search();
+    dist_.index_copy_(0, rows, sub.dist_);
+    index_.index_copy_(0, rows, sub.index_);
+  }
+
   const double* qrow(int64_t i) const { return query_.data_ptr<double>() + i * d_; }
   bool is_l2() const { return metric_ == Metric::SqEuclidean || metric_ == Metric::L2; }
-  int64_t self_index(int64_t i) const { return exclude_self_ ? i : -1; }
+  int64_t query_id(int64_t i) const { return ids_.empty() ? i : ids_[i]; }
+  int64_t self_index(int64_t i) const { return exclude_self_ ? query_id(i) : -1; }
 
   void prepare_queries() {
     double* qm = query_.data_ptr<double>();  // our own copy (the constructor's)
@@ -512,11 +540,10 @@ class ExactSearch {
     std::vector<int64_t> list;
     for (int64_t i = 0; i < nq_; ++i)
       if (failed[i]) list.push_back(i);
-    failed_queries_ = static_cast<int64_t>(list.size());
     return list;
   }
 
-  bool in_range(int64_t i) const { return i >= offset_ && i < offset_ + ref_.rows; }
+  bool in_range(int64_t i) const { return query_id(i) >= offset_ && query_id(i) < offset_ + ref_.rows; }
 
   void write_row(int64_t i, const std::vector<std::pair<double, int64_t>>& exact) {
     double* dist = dist_.data_ptr<double>() + i * k_;
@@ -572,7 +599,8 @@ class ExactSearch {
   bool exclude_self_;
   int64_t workspace_bytes_;
   StridedRows<ref_t> ref_;
-  int64_t candidates_ = 0, failed_queries_ = 0;
+  at::Tensor query_in_, ref_in_;  // the caller's inputs, for a recheck
+  int64_t candidates_ = 0;
   bool direct_rows_ = false;  // contiguous float32 references (and AVX2): the knn_rows.h fast paths
   at::Tensor query_, qpacked_, dist_, index_;
   std::vector<double> center_, qnorm_;
@@ -583,6 +611,7 @@ class ExactSearch {
   std::vector<Entry<float>> lane_heaps_;  // heaps of lanes 1.. (scan_in_lanes)
   std::vector<int64_t> lane_sizes_;
   double max_ref_norm_ = 0;
+  std::vector<int64_t> ids_;
 };
 
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Tensor& ref, int64_t k,

@@ -45,31 +45,37 @@ inline void pack_blocked(const float* rows, int64_t n, int64_t d, int64_t step, 
 }
 
 // Compare a finished 6 × 16 register tile of inner products, as ‖y‖² − 2·x·y, with the queries' thresholds
-// thr[r] (kept up to date) and push the values that beat them; references base .. base + 15, in index order.
-__attribute__((target("avx2,fma"))) inline void select_tile_6x16(const __m256 (&acc)[kRows][2], const float* norms,
+// thr[r] (kept up to date; thr[r] = −inf for rows r ≥ `rows`, so they never hit) and push the values that beat
+// them; references base .. base + 15, in index order. The common case (no hit) stays in registers: the values
+// overwrite acc and only a tile with a hit is written to memory.
+__attribute__((target("avx2,fma"))) inline void select_tile_6x16(__m256 (&acc)[kRows][2], const float* norms,
                                                                    int64_t rows, int64_t base, const int64_t* self,
                                                                    HeapView<float>* heaps, float* thr) {
   const __m256 minus2 = _mm256_set1_ps(-2.0f);
-  const __m256 n0 = _mm256_loadu_ps(norms), n1 = _mm256_loadu_ps(norms + 8);
-  __m256 v[kRows][2], hit[kRows][2];
   __m256 any = _mm256_setzero_ps();
-  for (int64_t r = 0; r < kRows; ++r) {  // rows past `rows` have threshold −inf: never a hit
-    const __m256 th = _mm256_set1_ps(r < rows ? thr[r] : -std::numeric_limits<float>::infinity());
-    v[r][0] = _mm256_fmadd_ps(minus2, acc[r][0], n0), v[r][1] = _mm256_fmadd_ps(minus2, acc[r][1], n1);
-    hit[r][0] = _mm256_cmp_ps(v[r][0], th, _CMP_LT_OQ), hit[r][1] = _mm256_cmp_ps(v[r][1], th, _CMP_LT_OQ);
-    any = _mm256_or_ps(any, _mm256_or_ps(hit[r][0], hit[r][1]));
+#pragma GCC unroll 6
+  for (int64_t r = 0; r < kRows; ++r) {
+    acc[r][0] = _mm256_fmadd_ps(minus2, acc[r][0], _mm256_loadu_ps(norms));
+    acc[r][1] = _mm256_fmadd_ps(minus2, acc[r][1], _mm256_loadu_ps(norms + 8));
+    const __m256 low = _mm256_min_ps(acc[r][0], acc[r][1]);  // values are never NaN: finite rows, +inf padding
+    any = _mm256_or_ps(any, _mm256_cmp_ps(low, _mm256_broadcast_ss(thr + r), _CMP_LT_OQ));
   }
   if (_mm256_testz_ps(any, any)) return;  // the common case once the heaps are full
+  alignas(32) float values[kRows][kPanel];  // constant indices only: acc stays in registers on the common path
+#pragma GCC unroll 6
+  for (int64_t r = 0; r < kRows; ++r) {
+    _mm256_store_ps(values[r], acc[r][0]);
+    _mm256_store_ps(values[r] + 8, acc[r][1]);
+  }
   for (int64_t r = 0; r < rows; ++r) {
-    const int mask = _mm256_movemask_ps(hit[r][0]) | (_mm256_movemask_ps(hit[r][1]) << 8);
-    if (mask == 0) continue;
-    alignas(32) float values[kPanel];
-    _mm256_store_ps(values, v[r][0]);
-    _mm256_store_ps(values + 8, v[r][1]);
-    for (int lane = 0; lane < static_cast<int>(kPanel); ++lane) {
+    const __m256 th = _mm256_broadcast_ss(thr + r);
+    unsigned mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(values[r]), th, _CMP_LT_OQ)) |
+                    _mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(values[r] + 8), th, _CMP_LT_OQ)) << 8;
+    for (; mask != 0; mask &= mask - 1) {  // lanes in increasing index order
+      const int lane = __builtin_ctz(mask);
       const int64_t j = base + lane;
-      if ((mask >> lane & 1) && values[lane] < thr[r] && j != self[r]) {
-        heaps[r].push({values[lane], j});
+      if (values[r][lane] < thr[r] && j != self[r]) {
+        heaps[r].push({values[r][lane], j});
         thr[r] = heaps[r].threshold();
       }
     }

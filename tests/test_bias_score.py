@@ -383,14 +383,6 @@ def test_tracker_bad_input(tmp_path):
 # ---- sharded training sets over torch.distributed (2 gloo ranks) ---------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sharded_report(rank: int, poison: bool) -> dict:
     import torch.distributed as dist
 
@@ -407,13 +399,15 @@ def _sharded_report(rank: int, poison: bool) -> dict:
         return {"error": type(error).__name__, "message": str(error)}
 
 
-def _sharded_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _sharded_worker(rank: int, world: int, out_dir: str) -> None:
     import datetime
 
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    # A rendezvous file, not a TCP port: a port picked free can be taken before the ranks bind it.
+    rendezvous = os.path.join(out_dir, "rendezvous")
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
         result = {"clean": _sharded_report(rank, poison=False), "poisoned": _sharded_report(rank, poison=True)}
@@ -426,7 +420,7 @@ def _sharded_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_sharded_training_sets_give_the_single_process_report_and_failures_reach_every_rank(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_sharded_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_sharded_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     samples_a, samples_b, train_a, train_b, test = _random_problem("pearson", 23, 41, (10,), n_test=9, seed=8)
     single = biasfast.bias_score(samples_a, samples_b, train_a, train_b, test=test).to_dict()

@@ -62,31 +62,47 @@ def test_knn(bench, benchmark, provider, nq, nr, d, k):
 PAIRS = 2 if QUICK else 7
 
 
-@pytest.mark.parametrize("k", [1, 10])
-@pytest.mark.parametrize("nq,nr,d", SHAPES)
-def test_knn_paired_with_faiss(benchmark, nq, nr, d, k):
+def paired_with_faiss(benchmark, label: str, query: torch.Tensor, ref: torch.Tensor, k: int) -> None:
     """biasfast, faiss and (d ≤ 128) cdist+topk in rotating order (rotating_rounds); ratios per round, vs biasfast."""
     if faiss is None:
         pytest.skip("faiss-cpu is not installed")
-    benchmark.group = f"knn paired with faiss {nq}x{nr}x{d} k={k}"
-    gen = torch.Generator().manual_seed(0)
-    query, ref = torch.randn(nq, d, generator=gen), torch.randn(nr, d, generator=gen)
+    benchmark.group = f"knn paired with faiss {label}"
     calls = {"biasfast": lambda: biasfast.knn(query, ref, k=k), "faiss": faiss_search(query, ref, k)}
-    if d <= 128:
+    if query.shape[1] <= 128:
         calls["reference"] = lambda: cdist_topk(query, ref, k)
     for call in calls.values():
         call()  # warm-up
     times, _ = rotating_rounds(benchmark, calls, PAIRS)
-    names = list(calls)
     summary = {"rounds": PAIRS, "biasfast_min_s": min(times["biasfast"])}
     lines = []
-    for name in names[1:]:
+    for name in list(calls)[1:]:
         ratios = [t / b for t, b in zip(times[name], times["biasfast"])]
         summary[f"median_ratio_vs_{name}"] = statistics.median(ratios)
         lines.append(f"{name}/biasfast per round {', '.join(f'{r:.2f}' for r in ratios)}; median "
                      f"{statistics.median(ratios):.2f}; min {min(times[name]):.3f} s")
-    benchmark.extra_info.update(shape=f"{nq}x{nr}x{d} k={k}", **summary)
-    print(f"\n{nq}x{nr}x{d} k={k} (biasfast min {summary['biasfast_min_s']:.3f} s): " + " | ".join(lines))
+    benchmark.extra_info.update(shape=label, **summary)
+    print(f"\n{label} (biasfast min {summary['biasfast_min_s']:.3f} s): " + " | ".join(lines))
+
+
+@pytest.mark.parametrize("k", [1, 10])
+@pytest.mark.parametrize("nq,nr,d", SHAPES)
+def test_knn_paired_with_faiss(benchmark, nq, nr, d, k):
+    gen = torch.Generator().manual_seed(0)
+    query, ref = torch.randn(nq, d, generator=gen), torch.randn(nr, d, generator=gen)
+    paired_with_faiss(benchmark, f"{nq}x{nr}x{d} k={k}", query, ref, k)
+
+
+@pytest.mark.parametrize("copies", [6, 24])
+@pytest.mark.parametrize("k", [1, 10])
+@pytest.mark.parametrize("nq,nr,d", shapes(full=[(2000, 50000, 64)], quick=[(50, 301, 16)]))
+def test_knn_duplicated_references_paired_with_faiss(benchmark, nq, nr, d, k, copies):
+    """Memorization data: every reference `copies` times, each query near one of them. Tie groups larger than the
+    first pass's extra candidates are rechecked with wider heaps (knn.cpp), not brute-forced."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(nr // copies, d, generator=gen)
+    ref = base.repeat(copies, 1)
+    query = base[torch.randint(0, len(base), (nq,), generator=gen)] + 1e-3 * torch.randn(nq, d, generator=gen)
+    paired_with_faiss(benchmark, f"{nq}x{len(ref)}x{d} k={k} copies={copies}", query, ref, k)
 
 
 MEMORY_SCRIPT = r"""

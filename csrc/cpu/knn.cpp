@@ -4,8 +4,9 @@
 // matrix), kept in a running top-(k + margin) heap per query. They are then re-ranked with direct differences
 // accumulated in float64 on the original inputs, and each query's answer is *certified*: the worst candidate's
 // approximate distance, minus a rigorous bound on the inner-product rounding error, must exceed the k-th exact
-// distance. Queries that fail (genuine near-ties at the rounding scale) are searched again by brute force with
-// exact differences, so results always equal a float64 brute force up to ties.
+// distance. Queries that fail (genuine near-ties at the rounding scale, groups of duplicates) are searched again
+// with four times the candidates, round after round, and by brute force with exact differences once the wider
+// heaps would outgrow the workspace, so results always equal a float64 brute force up to ties.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -150,15 +150,16 @@ def test_rechecks_then_brute_force_find_neighbours_the_rounding_hides(workspace_
     assert_exact_knn(dist, index, query, ref, 5, "cosine")
 
 
+@pytest.mark.parametrize("d", [24, 300])  # the fused (d ≤ 256) and the packed kernel
 @pytest.mark.parametrize("metric", FLOAT_METRICS)
-def test_recheck_of_near_ties_keeps_self_exclusion_by_index(metric):
+def test_recheck_of_near_ties_keeps_self_exclusion_by_index(metric, d):
     # Scattered rows with fifteen exact copies each tie beyond the first pass's extra candidates (k + 8), so those
     # queries are searched again with more: each must still exclude its own row, by its index in the full set.
     g = torch.Generator().manual_seed(3)
-    ref = torch.randn(300, 24, generator=g)
+    ref = torch.randn(300, d, generator=g)
     for i, source in enumerate((7, 101, 250)):
         ref[torch.arange(20 + i, 300, 20)] = ref[source].clone()
-    for dtype in (torch.float32, torch.float16):
+    for dtype in (torch.float32, torch.float16, torch.float64):
         query = ref.to(dtype)
         dist, index = biasfast.knn(query, query, k=3, metric=metric, exclude_self=True)
         assert_exact_knn(dist, index, query, query, 3, metric, exclude_self=True)

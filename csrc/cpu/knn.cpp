@@ -442,6 +442,8 @@ class ExactSearch {
       pack_blocked<kRows>(reinterpret_cast<const float*>(qpacked_.data_ptr<scalar_t>()), nq_, d_, step, qpadded,
                           begin * kRows, end * kRows, qpanels.data_ptr<float>());
     });
+    std::vector<int64_t> self_of(exclude_self_ ? nq_ : 0);
+    for (int64_t i = 0; i < static_cast<int64_t>(self_of.size()); ++i) self_of[i] = self_index(i);
     const int64_t qblocks = (nq_ + kMc - 1) / kMc, lanes = lane_count(qblocks, kNc);
     const PackedPlan plan = plan_packed(lanes, threads);
     const int64_t cbuf = kMc * plan.block;
@@ -455,7 +457,7 @@ class ExactSearch {
           const int64_t i0 = b * kMc;
           const QueryBlock block{qpanels.data_ptr<float>(), qpadded, i0, std::min(kMc, nq_ - i0),
                                  lane_entries(lane) + i0 * candidates_, lane_sizes(lane) + i0, candidates_,
-                                 exclude_self_};
+                                 exclude_self_ ? self_of.data() + i0 : nullptr};
           packed_scan_block(block, panels, panel_norms, padded, 0, padded, d_, j0 + offset_, plan.block, cbuf_t);
         }
       };

@@ -69,7 +69,7 @@ __attribute__((target("avx2,fma"))) inline void packed_tile_6x16(const float* a,
 }
 
 // Where one block of queries finds its inputs and heaps. Query i of the block is global query i0 + i; its heap is
-// heaps + i · capacity (sizes[i]); with exclude_self it must skip reference i0 + i.
+// heaps + i · capacity (sizes[i]); it must skip the reference self[i] (no self: skip nothing).
 struct QueryBlock {
   const float* panels;  // all queries' 6-row panels, pack_blocked<kRows> with depth_step(d)
   int64_t padded;       // query rows in all, a multiple of kRows
@@ -77,7 +77,7 @@ struct QueryBlock {
   Entry<float>* heaps;
   int64_t* sizes;
   int64_t capacity;
-  bool exclude_self;
+  const int64_t* self;  // the block's own entries (query i0 + i at self[i]), or nullptr
 };
 
 // Feed references [r0, r1) of the packed tile (pack_blocked<kPanel> with depth_step(d), `padded` rows, and their
@@ -113,7 +113,7 @@ __attribute__((target("avx2,fma"))) inline void packed_scan_block(const QueryBlo
           if (last) {
             for (int64_t r = 0; r < rows; ++r) {
               heaps[r] = {q.heaps + (row0 + r) * q.capacity, q.capacity, q.sizes + row0 + r};
-              self[r] = q.exclude_self ? q.i0 + row0 + r : -1;
+              self[r] = q.self ? q.self[row0 + r] : -1;
             }
           }
           const int64_t at = base + j;

@@ -113,17 +113,25 @@ inline double exact_distance(const double* x, const RowTransform& tx, const doub
 template <typename scalar_t, typename ref_t>
 class ExactSearch {
  public:
-  // candidates: the running top-k width (0: a first pass's, k + max(8, k / 4)); ids: each query's row in the
-  // caller's query set, for exclude_self (empty: the identity).
+  // What a recheck of some queries of an earlier search carries over. Same center, so the rows transform (and
+  // round) exactly as they did there; limits: per query, the approximate value ‖y'‖² − 2·x'·y' above which a
+  // reference cannot be among its k nearest (from the earlier exact k-th distance).
+  struct Recheck {
+    int64_t candidates = 0;     // heap capacity; 0: a first pass, k + max(8, k / 4)
+    std::vector<int64_t> ids;   // each query's row in the caller's query set, for exclude_self (empty: identity)
+    std::vector<double> limits, center;
+  };
+
   ExactSearch(const at::Tensor& query, const at::Tensor& ref, int64_t k, Metric metric, int64_t offset,
-              bool exclude_self, int64_t workspace_bytes, int64_t candidates = 0, std::vector<int64_t> ids = {})
+              bool exclude_self, int64_t workspace_bytes, Recheck recheck = {})
       : nq_(query.size(0)), d_(query.size(1)), k_(k), metric_(metric), offset_(offset), exclude_self_(exclude_self),
         workspace_bytes_(workspace_bytes),
         ref_{ref.data_ptr<ref_t>(), ref.size(0), ref.size(1), ref.stride(0), ref.stride(1)},
-        query_in_(query), ref_in_(ref), ids_(std::move(ids)) {
+        query_in_(query), ref_in_(ref), recheck_(std::move(recheck)) {
     // Exact in float64, and our own copy: for cosine / pearson prepare_queries transforms it in place.
     query_ = query.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
-    candidates_ = std::min<int64_t>(candidates > 0 ? candidates : k_ + std::max<int64_t>(8, k_ / 4), ref_.rows);
+    const int64_t first_pass = k_ + std::max<int64_t>(8, k_ / 4);
+    candidates_ = std::min<int64_t>(recheck_.candidates > 0 ? recheck_.candidates : first_pass, ref_.rows);
     // The float32 kernels pack through pack_ref_panels, which also records the references' transforms.
     direct_rows_ = std::is_same_v<scalar_t, float> && std::is_same_v<ref_t, float> && ref_.s1 == 1 &&
                    cpu_has_avx2_fma();
@@ -143,29 +151,52 @@ class ExactSearch {
     const auto failed = rerank_and_certify();
     if (failed.empty()) return;
     // Queries whose k-th neighbour is within rounding of their worst candidate (groups of near-duplicates, ties)
-    // are searched again by the same kernels with four times the candidates, as often as needed: far cheaper
-    // than brute force, which is left for when the wider heaps would not fit the workspace.
+    // are searched again by the same kernels, collecting every reference that could still beat their k-th exact
+    // distance into heaps four times wider (round after round while a range overflows them): far cheaper than
+    // brute force, which is left for when the wider heaps would not fit the workspace.
     const int64_t wider = std::min(ref_.rows, 4 * candidates_);
     const int64_t heap_bytes = static_cast<int64_t>(failed.size()) * wider * at::get_num_threads() *
                                static_cast<int64_t>(sizeof(Entry<scalar_t>));  // every lane's heaps
-    const bool fits = heap_bytes <= workspace_bytes_;
-    if (wider > candidates_ && fits) recheck(failed, wider); else brute_force(failed);
+    if (wider > candidates_ && heap_bytes <= workspace_bytes_) recheck(failed, wider); else brute_force(failed);
   }
 
   void recheck(const std::vector<int64_t>& failed, int64_t candidates) {
-    std::vector<int64_t> ids(failed.size());
-    for (size_t b = 0; b < failed.size(); ++b) ids[b] = query_id(failed[b]);
+    Recheck next{candidates, {}, {}, center_};
+    for (const int64_t i : failed) {
+      next.ids.push_back(query_id(i));
+      // A reference whose approximate value reaches this is farther than the k-th exact distance found here.
+      const double kth = dist_.data_ptr<double>()[i * k_ + k_ - 1];
+      next.limits.push_back(kth - qnorm_[i] + 2 * rounding_bound(i));
+    }
     const at::Tensor rows = at::tensor(failed, at::kLong);
     ExactSearch sub(query_in_.index_select(0, rows), ref_in_, k_, metric_, offset_, exclude_self_, workspace_bytes_,
-                    candidates, std::move(ids));
+                    std::move(next));
     sub.search();
     dist_.index_copy_(0, rows, sub.dist_);
     index_.index_copy_(0, rows, sub.index_);
   }
 
+  // Rigorous bound on the rounding error of query i's approximate distances (‖x'‖² + ‖y'‖² − 2·x'·y' against the
+  // exact distance of the untransformed rows); valid once the scan has measured max_ref_norm_.
+  double rounding_bound(int64_t i) const {
+    const double u = std::numeric_limits<scalar_t>::epsilon() / 2;
+    const double n = static_cast<double>(d_ + 8);
+    const double gamma = 1.01 * (n * u / (1 - n * u) + 8 * u);
+    return gamma * std::pow(std::sqrt(qnorm_[i]) + max_ref_norm_, 2);
+  }
+
+  // The heap limit of query i, rounded up to the heap's precision (a value that rounds down could wrongly skip).
+  scalar_t heap_limit(int64_t i) const {
+    if (recheck_.limits.empty()) return std::numeric_limits<scalar_t>::infinity();
+    const double limit = recheck_.limits[i];
+    scalar_t rounded = static_cast<scalar_t>(limit);
+    if (static_cast<double>(rounded) < limit) rounded = std::nextafter(rounded, std::numeric_limits<scalar_t>::infinity());
+    return rounded;
+  }
+
   const double* qrow(int64_t i) const { return query_.data_ptr<double>() + i * d_; }
   bool is_l2() const { return metric_ == Metric::SqEuclidean || metric_ == Metric::L2; }
-  int64_t query_id(int64_t i) const { return ids_.empty() ? i : ids_[i]; }
+  int64_t query_id(int64_t i) const { return recheck_.ids.empty() ? i : recheck_.ids[i]; }
   int64_t self_index(int64_t i) const { return exclude_self_ ? query_id(i) : -1; }
 
   void prepare_queries() {
@@ -174,7 +205,9 @@ class ExactSearch {
     const int64_t bad = first_bad_query([&](int64_t i) { return first_non_finite_row(q + i * d_, 1, d_) == 0; });
     BIASFAST_CHECK_ARG(bad < 0, "query", "contains NaN or Inf (first bad row ", bad, ")");
     center_.assign(d_, 0.0);
-    if (metric_ == Metric::SqEuclidean || metric_ == Metric::L2) {
+    if (!recheck_.center.empty()) {
+      center_ = recheck_.center;
+    } else if (metric_ == Metric::SqEuclidean || metric_ == Metric::L2) {
       // Centering by the query mean removes a common offset before the inner products (no cancellation).
       // Parallel over features; each column is summed in query order.
       at::parallel_for(0, d_, 64, [&](int64_t t0, int64_t t1) {
@@ -207,6 +240,8 @@ class ExactSearch {
     if (undefined >= 0) row_transform(q + undefined * d_, d_, metric_, "query", undefined);  // throws its message
     heaps_.assign(nq_ * candidates_, Entry<scalar_t>{});
     heap_sizes_.assign(nq_, 0);
+    heap_limits_.resize(nq_);
+    for (int64_t i = 0; i < nq_; ++i) heap_limits_[i] = heap_limit(i);
   }
 
   // Runs bad(i) for every query, in parallel; returns the first i for which it was true, or −1.
@@ -424,7 +459,7 @@ class ExactSearch {
             const int64_t qi = i0 + std::min(r, count - 1);
             q[r] = reinterpret_cast<const float*>(qpacked_.data_ptr<scalar_t>()) + qi * d_;
             self[r] = self_index(qi);
-            heaps[r] = {lane_entries(lane) + qi * candidates_, candidates_, lane_sizes(lane) + qi};
+            heaps[r] = {lane_entries(lane) + qi * candidates_, candidates_, lane_sizes(lane) + qi, heap_limits_[qi]};
           }
           fused_scan_6x16(q, count, panels, panel_norms, padded / kPanel, d_, j0 + offset_, self, heaps);
         }
@@ -457,7 +492,8 @@ class ExactSearch {
           const int64_t i0 = b * kMc;
           const QueryBlock block{qpanels.data_ptr<float>(), qpadded, i0, std::min(kMc, nq_ - i0),
                                  lane_entries(lane) + i0 * candidates_, lane_sizes(lane) + i0, candidates_,
-                                 exclude_self_ ? self_of.data() + i0 : nullptr};
+                                 exclude_self_ ? self_of.data() + i0 : nullptr,
+                                 reinterpret_cast<const float*>(heap_limits_.data()) + i0};
           packed_scan_block(block, panels, panel_norms, padded, 0, padded, d_, j0 + offset_, plan.block, cbuf_t);
         }
       };
@@ -502,7 +538,7 @@ class ExactSearch {
         at::parallel_for(0, nq, 16, [&](int64_t begin, int64_t end) {
           for (int64_t i = begin; i < end; ++i) {
             const int64_t qi = i0 + i;
-            HeapView<scalar_t> heap{heaps_.data() + qi * candidates_, candidates_, &heap_sizes_[qi]};
+            HeapView<scalar_t> heap{heaps_.data() + qi * candidates_, candidates_, &heap_sizes_[qi], heap_limits_[qi]};
             select_row(heap, ip + i * nr, norms, nr, j0 + offset_, self_index(qi));
           }
         });
@@ -516,9 +552,6 @@ class ExactSearch {
     dist_ = at::empty({nq_, k_}, at::kDouble);
     index_ = at::empty({nq_, k_}, at::kLong);
     std::vector<char> failed(nq_, 0);
-    const double u = std::numeric_limits<scalar_t>::epsilon() / 2;
-    const double n = static_cast<double>(d_ + 8);
-    const double gamma = 1.01 * (n * u / (1 - n * u) + 8 * u);
     at::parallel_for(0, nq_, 8, [&](int64_t begin, int64_t end) {
       std::vector<double> row(d_);
       std::vector<std::pair<double, int64_t>> exact;
@@ -533,10 +566,14 @@ class ExactSearch {
         write_row(i, exact);
         // Certified when every eligible reference was a candidate, or no non-candidate can beat the k-th.
         const bool all_seen = size >= ref_.rows - (exclude_self_ && in_range(i) ? 1 : 0);
-        if (!all_seen) {
-          const double worst = qnorm_[i] + static_cast<double>(heap[0].value);
-          const double bound = gamma * std::pow(std::sqrt(qnorm_[i]) + max_ref_norm_, 2);
-          if (!(worst - bound > exact[k_ - 1].first)) failed[i] = 1;
+        if (!all_seen && static_cast<int64_t>(exact.size()) < k_) {
+          failed[i] = 1;  // a recheck's range held fewer than k references (cannot happen with a sound limit)
+        } else if (!all_seen) {
+          // Every reference left out has an approximate value at or above the heap's final threshold.
+          const HeapView<scalar_t> final_heap{heaps_.data() + i * candidates_, candidates_, &heap_sizes_[i],
+                                              heap_limits_[i]};
+          const double worst = qnorm_[i] + static_cast<double>(final_heap.threshold());
+          if (!(worst - rounding_bound(i) > exact[k_ - 1].first)) failed[i] = 1;
         }
       }
     });
@@ -603,6 +640,7 @@ class ExactSearch {
   int64_t workspace_bytes_;
   StridedRows<ref_t> ref_;
   at::Tensor query_in_, ref_in_;  // the caller's inputs, for a recheck
+  Recheck recheck_;
   int64_t candidates_ = 0;
   bool direct_rows_ = false;  // contiguous float32 references (and AVX2): the knn_rows.h fast paths
   at::Tensor query_, qpacked_, dist_, index_;
@@ -611,10 +649,10 @@ class ExactSearch {
   std::vector<RowTransform> ref_tr_;  // cosine / pearson transforms of the references (direct_rows_ only)
   std::vector<Entry<scalar_t>> heaps_;
   std::vector<int64_t> heap_sizes_;
+  std::vector<scalar_t> heap_limits_;  // HeapView::limit of each query's heap (+inf in a first pass)
   std::vector<Entry<float>> lane_heaps_;  // heaps of lanes 1.. (scan_in_lanes)
   std::vector<int64_t> lane_sizes_;
   double max_ref_norm_ = 0;
-  std::vector<int64_t> ids_;
 };
 
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Tensor& ref, int64_t k,

@@ -34,15 +34,15 @@ inline bool worse(const Entry<value_t>& a, const Entry<value_t>& b) {
 }
 
 // A max-heap (by value, then index) of fixed capacity over caller-owned storage: the running top-k of a query.
+// Values at or above `limit` are not wanted (a recheck knows they cannot matter), even while the heap is not full.
 template <typename value_t>
 struct HeapView {
   Entry<value_t>* data;
   int64_t capacity;
   int64_t* size;
+  value_t limit = std::numeric_limits<value_t>::infinity();
 
-  value_t threshold() const {
-    return *size < capacity ? std::numeric_limits<value_t>::infinity() : data[0].value;
-  }
+  value_t threshold() const { return *size < capacity ? limit : std::min(limit, data[0].value); }
 
   void push(Entry<value_t> e) {
     if (*size < capacity) {

@@ -77,7 +77,8 @@ struct QueryBlock {
   Entry<float>* heaps;
   int64_t* sizes;
   int64_t capacity;
-  const int64_t* self;  // the block's own entries (query i0 + i at self[i]), or nullptr
+  const int64_t* self;   // the block's own entries (query i0 + i at self[i]), or nullptr
+  const float* limits;   // the block's heap limits (HeapView::limit of query i0 + i at limits[i])
 };
 
 // Feed references [r0, r1) of the packed tile (pack_blocked<kPanel> with depth_step(d), `padded` rows, and their
@@ -112,7 +113,7 @@ __attribute__((target("avx2,fma"))) inline void packed_scan_block(const QueryBlo
           int64_t self[kRows];
           if (last) {
             for (int64_t r = 0; r < rows; ++r) {
-              heaps[r] = {q.heaps + (row0 + r) * q.capacity, q.capacity, q.sizes + row0 + r};
+              heaps[r] = {q.heaps + (row0 + r) * q.capacity, q.capacity, q.sizes + row0 + r, q.limits[row0 + r]};
               self[r] = q.self ? q.self[row0 + r] : -1;
             }
           }

@@ -190,7 +190,9 @@ class ExactSearch {
     if (recheck_.limits.empty()) return std::numeric_limits<scalar_t>::infinity();
     const double limit = recheck_.limits[i];
     scalar_t rounded = static_cast<scalar_t>(limit);
-    if (static_cast<double>(rounded) < limit) rounded = std::nextafter(rounded, std::numeric_limits<scalar_t>::infinity());
+    if (static_cast<double>(rounded) < limit) {
+      rounded = std::nextafter(rounded, std::numeric_limits<scalar_t>::infinity());
+    }
     return rounded;
   }
 

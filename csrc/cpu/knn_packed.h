@@ -58,7 +58,9 @@ __attribute__((target("avx2,fma"))) inline void packed_tile_6x16(const float* a,
   }
   if constexpr (kLast) {
     float thr[kRows];
-    for (int64_t r = 0; r < kRows; ++r) thr[r] = r < rows ? heaps[r].threshold() : -std::numeric_limits<float>::infinity();
+    for (int64_t r = 0; r < kRows; ++r) {
+      thr[r] = r < rows ? heaps[r].threshold() : -std::numeric_limits<float>::infinity();
+    }
     select_tile_6x16(acc, norms, rows, base, self, heaps, thr);
   } else {
     for (int64_t r = 0; r < kRows; ++r) {

@@ -57,7 +57,9 @@ __attribute__((target("avx2,fma"))) inline void select_tile_6x16(__m256 (&acc)[k
   for (int64_t r = 0; r < kRows; ++r) {
     acc[r][0] = _mm256_fmadd_ps(minus2, acc[r][0], _mm256_loadu_ps(norms));
     acc[r][1] = _mm256_fmadd_ps(minus2, acc[r][1], _mm256_loadu_ps(norms + 8));
-    const __m256 low = _mm256_min_ps(acc[r][0], acc[r][1]);  // values are never NaN: finite rows, +inf padding
+    // NaN (float32 overflow of huge rows) can hide a hit here, but then the rounding bound is infinite and no
+    // such query is certified: it ends in brute force.
+    const __m256 low = _mm256_min_ps(acc[r][0], acc[r][1]);
     any = _mm256_or_ps(any, _mm256_cmp_ps(low, _mm256_broadcast_ss(thr + r), _CMP_LT_OQ));
   }
   if (_mm256_testz_ps(any, any)) return;  // the common case once the heaps are full

@@ -150,6 +150,17 @@ def test_rechecks_then_brute_force_find_neighbours_the_rounding_hides(workspace_
     assert_exact_knn(dist, index, query, ref, 5, "cosine")
 
 
+@pytest.mark.parametrize("d", [20, 300])  # the fused and the packed kernel
+def test_rows_whose_squares_overflow_float32_are_still_exact(d):
+    # ‖y‖² ≈ 1e41 overflows float32: the candidates are garbage (inf, NaN), the rounding bound is infinite, so
+    # nothing is certified and every query must end in an exact search. (A sqeuclidean answer would overflow
+    # float32 itself; cosine and pearson normalise the rows in float64 first.)
+    g = torch.Generator().manual_seed(11)
+    query, ref = 1e20 * torch.randn(37, d, generator=g), 1e20 * torch.randn(301, d, generator=g)
+    dist, index = biasfast.knn(query, ref, k=3, metric="l2")
+    assert_exact_knn(dist, index, query, ref, 3, "l2")
+
+
 @pytest.mark.parametrize("d", [24, 300])  # the fused (d ≤ 256) and the packed kernel
 @pytest.mark.parametrize("metric", FLOAT_METRICS)
 def test_recheck_of_near_ties_keeps_self_exclusion_by_index(metric, d):

@@ -568,14 +568,14 @@ class ExactSearch {
         write_row(i, exact);
         // Certified when every eligible reference was a candidate, or no non-candidate can beat the k-th.
         const bool all_seen = size >= ref_.rows - (exclude_self_ && in_range(i) ? 1 : 0);
-        if (!all_seen && static_cast<int64_t>(exact.size()) < k_) {
-          failed[i] = 1;  // a recheck's range held fewer than k references (cannot happen with a sound limit)
-        } else if (!all_seen) {
-          // Every reference left out has an approximate value at or above the heap's final threshold.
+        if (!all_seen) {
+          // Every reference left out has an approximate value at or above the heap's final threshold. (A recheck's
+          // range holding fewer than k references cannot happen with a sound limit; it fails safely.)
           const HeapView<scalar_t> final_heap{heaps_.data() + i * candidates_, candidates_, &heap_sizes_[i],
                                               heap_limits_[i]};
           const double worst = qnorm_[i] + static_cast<double>(final_heap.threshold());
-          if (!(worst - rounding_bound(i) > exact[k_ - 1].first)) failed[i] = 1;
+          const bool too_few = static_cast<int64_t>(exact.size()) < k_;
+          if (too_few || !(worst - rounding_bound(i) > exact[k_ - 1].first)) failed[i] = 1;
         }
       }
     });

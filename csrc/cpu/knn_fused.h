@@ -44,6 +44,13 @@ inline void pack_blocked(const float* rows, int64_t n, int64_t d, int64_t step, 
   }
 }
 
+// The thresholds select_tile_6x16 starts from: each heap's, and −inf for the rows r ≥ rows of a partial block.
+inline void start_thresholds(const HeapView<float>* heaps, int64_t rows, float (&thr)[kRows]) {
+  for (int64_t r = 0; r < kRows; ++r) {
+    thr[r] = r < rows ? heaps[r].threshold() : -std::numeric_limits<float>::infinity();
+  }
+}
+
 // Compare a finished 6 × 16 register tile of inner products, as ‖y‖² − 2·x·y, with the queries' thresholds
 // thr[r] (kept up to date; thr[r] = −inf for rows r ≥ `rows`, so they never hit) and push the values that beat
 // them; references base .. base + 15, in index order. The common case (no hit) stays in registers: the values
@@ -109,7 +116,7 @@ __attribute__((target("avx2,fma"))) inline void fused_scan_6x16(const float* con
                                                                   int64_t panels_count, int64_t d, int64_t base,
                                                                   const int64_t* self, HeapView<float>* heaps) {
   float thr[kRows];
-  for (int64_t r = 0; r < kRows; ++r) thr[r] = r < rows ? heaps[r].threshold() : -std::numeric_limits<float>::infinity();
+  start_thresholds(heaps, rows, thr);
   for (int64_t p = 0; p < panels_count; ++p) {
     __m256 acc[kRows][2];
     tile_6x16([q](int64_t r, int64_t t) { return q[r] + t; }, panels + p * d * kPanel, d, acc);

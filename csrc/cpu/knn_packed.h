@@ -58,9 +58,7 @@ __attribute__((target("avx2,fma"))) inline void packed_tile_6x16(const float* a,
   }
   if constexpr (kLast) {
     float thr[kRows];
-    for (int64_t r = 0; r < kRows; ++r) {
-      thr[r] = r < rows ? heaps[r].threshold() : -std::numeric_limits<float>::infinity();
-    }
+    start_thresholds(heaps, rows, thr);
     select_tile_6x16(acc, norms, rows, base, self, heaps, thr);
   } else {
     for (int64_t r = 0; r < kRows; ++r) {

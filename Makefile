@@ -12,7 +12,7 @@ $(VENV)/.installed: requirements-ci.txt
 
 setup: $(VENV)/.installed  ## virtual environment with pinned requirements
 
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py pyproject.toml $(shell find csrc -name "*.cpp" -o -name "*.h" -o -name "*.cu" -o -name "*.cuh")
 
 $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation -e .

@@ -39,7 +39,7 @@ def extension():
     cxx += ["-std=c++20", "-fopenmp", "-DBIASFAST_TORCH_VERSION=\"" + torch.__version__ + "\""]
     if env_flag("BIASFAST_NATIVE"):
         cxx.append("-march=native")
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/**/*.cpp", recursive=True))
     kwargs = dict(
         name="biasfast._C",
         sources=sources,
@@ -49,7 +49,7 @@ def extension():
     if want_cuda():
         nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]
         nvcc += ["-std=c++20", "-DBIASFAST_WITH_CUDA"] + shlex.split(os.environ.get("NVCC_FLAGS", ""))
-        kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
+        kwargs["sources"] += sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True))
         kwargs["extra_compile_args"] = {"cxx": cxx + ["-DBIASFAST_WITH_CUDA"], "nvcc": nvcc}
         return CUDAExtension(**kwargs)
     kwargs["extra_compile_args"] = {"cxx": cxx}

@@ -4,9 +4,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "checks.h"
-#include "cpu/knn_common.h"
-#include "knn_hamming_checks.h"
+#include "common/checks.h"
+#include "cpu/knn/common.h"
+#include "common/knn_hamming_checks.h"
 
 namespace biasfast {
 namespace {

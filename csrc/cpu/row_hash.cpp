@@ -5,8 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "checks.h"
-#include "row_hash.h"
+#include "common/checks.h"
+#include "common/row_hash.h"
 
 namespace biasfast {
 namespace {

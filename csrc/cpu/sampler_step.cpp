@@ -24,8 +24,8 @@
 #include <sys/mman.h>
 #endif
 
-#include "checks.h"
-#include "sampler_coefficients.h"
+#include "common/checks.h"
+#include "common/sampler_step_coefficients.h"
 
 namespace biasfast {
 namespace {

@@ -23,7 +23,7 @@
 #define BIASFAST_X86 1
 #endif
 
-#include "checks.h"
+#include "common/checks.h"
 
 namespace biasfast {
 namespace {

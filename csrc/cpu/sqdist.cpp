@@ -5,7 +5,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include "checks.h"
+#include "common/checks.h"
 
 namespace biasfast {
 namespace {

@@ -12,7 +12,7 @@
 #include <type_traits>
 #include <string>
 
-#include "checks.h"
+#include "common/checks.h"
 #include "cuda/knn_common.cuh"
 
 namespace biasfast {

@@ -8,9 +8,9 @@
 #include <torch/library.h>
 
 
-#include "checks.h"
+#include "common/checks.h"
 #include "cuda/knn_common.cuh"
-#include "knn_hamming_checks.h"
+#include "common/knn_hamming_checks.h"
 
 namespace biasfast {
 namespace {

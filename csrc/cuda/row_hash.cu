@@ -7,8 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "checks.h"
-#include "row_hash.h"
+#include "common/checks.h"
+#include "common/row_hash.h"
 
 namespace biasfast {
 namespace {

@@ -5,7 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "checks.h"
+#include "common/checks.h"
 
 namespace biasfast {
 namespace {

@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "cpu/knn_common.h"
+#include "cpu/knn/common.h"
 
 namespace biasfast {
 

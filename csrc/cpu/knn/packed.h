@@ -25,8 +25,8 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "cpu/knn_common.h"
-#include "cpu/knn_fused.h"
+#include "cpu/knn/common.h"
+#include "cpu/knn/fused.h"
 
 namespace biasfast {
 

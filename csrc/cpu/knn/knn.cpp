@@ -20,12 +20,12 @@
 #include <type_traits>
 #include <vector>
 
-#include "checks.h"
-#include "cpu/knn_common.h"
-#include "cpu/knn_fused.h"
-#include "cpu/knn_gemm.h"
-#include "cpu/knn_packed.h"
-#include "cpu/knn_rows.h"
+#include "common/checks.h"
+#include "cpu/knn/common.h"
+#include "cpu/knn/fused.h"
+#include "cpu/knn/gemm.h"
+#include "cpu/knn/packed.h"
+#include "cpu/knn/rows.h"
 
 namespace biasfast {
 namespace {

@@ -7,7 +7,7 @@
 #include <limits>
 #include <string>
 
-#include "checks.h"
+#include "common/checks.h"
 
 namespace biasfast {
 

@@ -7,8 +7,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "checks.h"
-#include "cpu/hierarchy_bp_plan.h"
+#include "common/checks.h"
+#include "cpu/tree_bp_plan.h"
 
 // The lane types are 32-byte vectors also in the portable build; they never cross an ABI boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -18,7 +18,7 @@ namespace biasfast::tree_bp_detail {
 #define BP_NS generic_float
 #define BP_T float
 #define BP_LANES 8
-#include "cpu/hierarchy_bp_lanes.h"
+#include "cpu/tree_bp_lanes.h"
 #undef BP_NS
 #undef BP_T
 #undef BP_LANES
@@ -26,7 +26,7 @@ namespace biasfast::tree_bp_detail {
 #define BP_NS generic_double
 #define BP_T double
 #define BP_LANES 4
-#include "cpu/hierarchy_bp_lanes.h"
+#include "cpu/tree_bp_lanes.h"
 #undef BP_NS
 #undef BP_T
 #undef BP_LANES
@@ -38,14 +38,14 @@ namespace biasfast::tree_bp_detail {
 #define BP_NS avx2_float
 #define BP_T float
 #define BP_LANES 8
-#include "cpu/hierarchy_bp_lanes.h"
+#include "cpu/tree_bp_lanes.h"
 #undef BP_NS
 #undef BP_T
 #undef BP_LANES
 #define BP_NS avx2_double
 #define BP_T double
 #define BP_LANES 4
-#include "cpu/hierarchy_bp_lanes.h"
+#include "cpu/tree_bp_lanes.h"
 #undef BP_NS
 #undef BP_T
 #undef BP_LANES

@@ -5,7 +5,7 @@
 #include <limits>
 #include <utility>
 
-#include "checks.h"
+#include "common/checks.h"
 
 namespace biasfast {
 

@@ -6,7 +6,7 @@
 #include <cmath>
 #include <string_view>
 
-#include "checks.h"
+#include "common/checks.h"
 
 namespace biasfast {
 

@@ -138,7 +138,7 @@ def _sampler_step_out_fake(x_t, model_output, uncond_output, noise, t, t_prev, a
 
 def register_sampling() -> None:
     torch.library.register_fake("biasfast::sampler_step")(_sampler_step_fake)
-    torch.library.register_fake("biasfast::sampler_step_out")(_sampler_step_out_fake)
+    torch.library.register_fake("biasfast::sampler_step.out")(_sampler_step_out_fake)
 
 
 if _extension.available():

@@ -67,7 +67,7 @@ def _op_for(device: torch.device, name: str):
     """The C++ kernel on the CPU, the Triton kernel on CUDA; never a silent fallback to the reference."""
     if device.type == "cpu":
         _extension.require()
-        return getattr(torch.ops.biasfast, name)
+        return torch.ops.biasfast.sampler_step.out if name == "sampler_step_out" else torch.ops.biasfast.sampler_step
     if device.type == "cuda":
         if f"{name}_triton" not in kernels.TRITON_OPS:
             raise RuntimeError("x_t: the CUDA sampler step needs Triton (pip install triton); it is not available")

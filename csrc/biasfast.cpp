@@ -1,6 +1,7 @@
 // The one place where biasfast's operator schemas are declared.
-// Device implementations live in csrc/cpu (TORCH_LIBRARY_IMPL CPU) and csrc/cuda (CUDA);
-// fakes and autograd formulas are registered from Python (biasfast/_ops.py).
+// Kernels are found by the op's name: csrc/cpu/<op>.cpp (or csrc/cpu/<op>/) registers the CPU kernel,
+// csrc/cuda/<op>.cu or kernels/<op>.py (Triton, registered from Python) the CUDA kernel; the public wrapper,
+// fake and autograd formula are in biasfast/ops/<op>.py (see ARCHITECTURE.md).
 #include <Python.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -50,17 +51,17 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(biasfast, m) {
-  // ---- distances (issue: kNN engine) ----
+  // ---- distances ----
   // Exact squared Euclidean distances by direct differences: x (n, d), y (m, d) -> (n, m).
   m.def("sqdist(Tensor x, Tensor y) -> Tensor");
 
-  // ---- SNR-weighted loss (issue 5: weightings and the fused loss) ----
+  // ---- SNR-weighted loss (Unmasking Bias: any per-timestep weighting, fused forward and backward) ----
   // loss = reduce_b(weights[timesteps[b]] * mean_i (pred[b,i] - target[b,i])^2), the unweighted per-sample MSE (B,),
   // and, when compute_grad, d loss / d pred (same shape and dtype as pred; backward only rescales it).
   m.def("snr_loss(Tensor pred, Tensor target, Tensor timesteps, Tensor weights, str reduction, bool compute_grad) "
         "-> (Tensor loss, Tensor mse, Tensor grad)");
 
-  // ---- sampling (issue 6: fused DDPM/DDIM/CFG step) ----
+  // ---- sampling: the fused DDPM/DDIM/CFG step ----
   // One fused step x_t -> (x_{t'}, x̂0) with per-sample t, t_prev (-1 = final step) gathered from alphas_cumprod;
   // uncond_output with guidance_scale fuses CFG; x̂0 is empty unless return_x0.
   m.def(
@@ -69,17 +70,17 @@ TORCH_LIBRARY(biasfast, m) {
       "bool return_x0) -> (Tensor, Tensor)");
   // The same step written into preallocated out (may be x_t itself: in place) and x0_out (empty: not written).
   m.def(
-      "sampler_step_out(Tensor x_t, Tensor model_output, Tensor? uncond_output, Tensor? noise, Tensor t, "
+      "sampler_step.out(Tensor x_t, Tensor model_output, Tensor? uncond_output, Tensor? noise, Tensor t, "
       "Tensor t_prev, Tensor alphas_cumprod, str method, str prediction, float eta, float? guidance_scale, "
       "float? clip_sample, Tensor(a!) out, Tensor(b!) x0_out) -> ()");
 
-  // ---- hierarchical model (issue 8: exact belief propagation on the binary tree) ----
+  // ---- hierarchical model: exact belief propagation on the binary tree ----
   // Leaf posteriors (B, L, q) and log partition (B,) of a k-filtered tree model with uniform root: leaf
   // log-potentials scale[b]·evidence[b] (B, L = 2^depth, q; -inf allowed), grammar M[a,b,c] = P(b,c | a) (q,q,q),
   // top (2^k, q, q) = P(depth-k node j = b | root = a) (the identity for the full model).
   m.def("tree_bp(Tensor evidence, Tensor scale, Tensor grammar, Tensor top) -> (Tensor, Tensor)");
 
-  // ---- exact k-nearest neighbours (issue 3) ----
+  // ---- exact k-nearest neighbours ----
   // k smallest distances from each query row to the reference rows, exact (re-ranked, certified); indices are
   // index_offset + row in ref, ties broken by the lower index; rows with fewer than k eligible references are
   // padded with (inf, -1). metric: l2, sqeuclidean, cosine, pearson.
@@ -88,7 +89,7 @@ TORCH_LIBRARY(biasfast, m) {
   // Same for integer token rows under the hamming distance (number of differing positions, as float32).
   m.def("knn_hamming(Tensor query, Tensor ref, int k, int index_offset, bool exclude_self) -> (Tensor, Tensor)");
 
-  // ---- memorization metrics (issue: bias_score) ----
+  // ---- memorization metrics ----
   // 64-bit hash of each row of a 2-D tensor of any dtype (-0.0 == 0.0): rows (n, d) -> int64 (n,).
   // Equal rows hash equally; bias_score uses it to find rows shared by two training sets.
   m.def("row_hash(Tensor rows) -> Tensor");

@@ -297,7 +297,7 @@ void sampler_step_out_cpu(const at::Tensor& x_t, const at::Tensor& model_output,
 
 TORCH_LIBRARY_IMPL(biasfast, CPU, m) {
   m.impl("sampler_step", &sampler_step_cpu);
-  m.impl("sampler_step_out", &sampler_step_out_cpu);
+  m.impl("sampler_step.out", &sampler_step_out_cpu);
 }
 
 }  // namespace biasfast

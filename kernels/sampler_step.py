@@ -1,6 +1,7 @@
-"""Fused DDPM/DDIM/CFG sampler step as a Triton kernel (`biasfast::sampler_step_triton`).
+"""The CUDA kernel of `biasfast::sampler_step` (both overloads), in Triton: the fused DDPM/DDIM/CFG step.
 
-Same schema and update as the C++ op `biasfast::sampler_step` (csrc/cpu/sampler_step.cpp): each program owns
+Same schema and update as the C++ kernel (csrc/cpu/sampler_step.cpp), registered as the op's CUDA kernel by
+biasfast/ops/sampler_step.py; each program owns
 a block of one sample, gathers ᾱ_t, ᾱ_{t'} from the device table with that sample's timesteps, computes
 the coefficients in float64 and streams x_t, model outputs and noise once. No host synchronisation.
 """
@@ -10,13 +11,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import wrap_triton
 
-from . import interpreted, register_op
+from biasfast._core.constants import PREDICTIONS, SAMPLER_METHODS
 
-METHODS = {"ddpm": 0, "ddim": 1}
-PREDICTIONS = {"epsilon": 0, "sample": 1, "v_prediction": 2}
+METHOD_CODES = {name: code for code, name in enumerate(SAMPLER_METHODS)}
+PREDICTION_CODES = {name: code for code, name in enumerate(PREDICTIONS)}
 BLOCK = 1024
 
 
@@ -84,10 +83,10 @@ def _sampler_step_kernel(x_ptr, cond_ptr, uncond_ptr, noise_ptr, out_ptr, x0_ptr
 
 def _check_options(method: str, prediction: str, eta: float, guidance_scale: float | None,
                    uncond_output: torch.Tensor | None, noise: torch.Tensor | None) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method: unknown {method!r}; expected one of {tuple(METHODS)}")
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction: unknown {prediction!r}; expected one of {tuple(PREDICTIONS)}")
+    if method not in METHOD_CODES:
+        raise ValueError(f"method: unknown {method!r}; expected one of {SAMPLER_METHODS}")
+    if prediction not in PREDICTION_CODES:
+        raise ValueError(f"prediction: unknown {prediction!r}; expected one of {PREDICTIONS}")
     if (guidance_scale is None) != (uncond_output is None):
         raise ValueError("uncond_output: give it together with guidance_scale")
     if noise is None and (method == "ddpm" or eta > 0):
@@ -99,8 +98,8 @@ def _launch(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, 
     """Write x_{t'} into `out` (contiguous; may be x_t itself) and x̂0 into `x0_out` unless it is empty."""
     _check_options(method, prediction, eta, guidance_scale, uncond_output, noise)
     x = x_t.contiguous()
-    if x.numel() == 0 or (interpreted() and is_fake(x)):
-        return  # nothing to do; the interpreter cannot run on fake tensors (tracing needs shapes only)
+    if x.numel() == 0:
+        return
     batch = x.shape[0]
     row = x.numel() // batch
     cond = model_output.contiguous()
@@ -108,15 +107,15 @@ def _launch(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, 
     z = x if noise is None else noise.contiguous()
     write_x0 = x0_out.numel() > 0
     grid = (batch, triton.cdiv(row, BLOCK))
-    wrap_triton(_sampler_step_kernel)[grid](
+    _sampler_step_kernel[grid](
         x, cond, uncond, z, out, x0_out if write_x0 else out, t, t_prev, t.stride(0), t_prev.stride(0),
         alphas_cumprod, row, float(eta), float(guidance_scale or 1.0), float(clip_sample or 0.0),
-        DDIM=METHODS[method] == 1, PREDICTION=PREDICTIONS[prediction], GUIDED=uncond_output is not None,
+        DDIM=method == "ddim", PREDICTION=PREDICTION_CODES[prediction], GUIDED=uncond_output is not None,
         CLIP=clip_sample is not None, NOISY=noise is not None, WRITE_X0=write_x0,
         DOUBLE=x.dtype == torch.float64, BLOCK=BLOCK)
 
 
-def sampler_step_triton(x_t: torch.Tensor, model_output: torch.Tensor, uncond_output: torch.Tensor | None,
+def sampler_step(x_t: torch.Tensor, model_output: torch.Tensor, uncond_output: torch.Tensor | None,
                         noise: torch.Tensor | None, t: torch.Tensor, t_prev: torch.Tensor,
                         alphas_cumprod: torch.Tensor, method: str, prediction: str, eta: float,
                         guidance_scale: float | None, clip_sample: float | None,
@@ -128,7 +127,7 @@ def sampler_step_triton(x_t: torch.Tensor, model_output: torch.Tensor, uncond_ou
     return out, x0
 
 
-def sampler_step_out_triton(x_t: torch.Tensor, model_output: torch.Tensor, uncond_output: torch.Tensor | None,
+def sampler_step_out(x_t: torch.Tensor, model_output: torch.Tensor, uncond_output: torch.Tensor | None,
                             noise: torch.Tensor | None, t: torch.Tensor, t_prev: torch.Tensor,
                             alphas_cumprod: torch.Tensor, method: str, prediction: str, eta: float,
                             guidance_scale: float | None, clip_sample: float | None, out: torch.Tensor,
@@ -136,6 +135,3 @@ def sampler_step_out_triton(x_t: torch.Tensor, model_output: torch.Tensor, uncon
     _launch(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
             guidance_scale, clip_sample, out, x0_out)
 
-
-sampler_step_triton = register_op("biasfast::sampler_step_triton", sampler_step_triton)
-sampler_step_out_triton = register_op("biasfast::sampler_step_out_triton", sampler_step_out_triton, ("out", "x0_out"))

@@ -1,4 +1,7 @@
-"""Fused SNR-weighted MSE for CUDA tensors (Triton): `biasfast::snr_loss_triton`, same contract as `biasfast::snr_loss`.
+"""The CUDA kernel of `biasfast::snr_loss`, in Triton: the fused SNR-weighted MSE, forward and gradient in one pass.
+
+Same contract as the C++ kernel (csrc/cpu/snr_loss.cpp), registered as the op's CUDA kernel by
+biasfast/ops/snr_loss.py (the op's autograd formula, registered once there, serves both).
 
 Grid (sample, chunk): each program gathers w[t_b] itself, reads its chunk of pred and target once,
 writes the finished gradient 2·w·scale·(p − t)/N and one float32 partial sum. Partials are combined by a
@@ -11,11 +14,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import FakeTensor
-from torch.library import triton_op, wrap_triton
-
-from biasfast import _ops
-from biasfast.kernels import interpreted
 
 BLOCK = 1024
 MAX_BLOCKS_PER_CHUNK = 16
@@ -45,17 +43,7 @@ def _snr_loss_kernel(pred_ptr, target_ptr, grad_ptr, partial_ptr, timesteps_ptr,
     tl.store(partial_ptr + sample * chunks_per_sample + part, tl.sum(acc, axis=0))
 
 
-def _interpreting_fake(t: torch.Tensor) -> bool:
-    """The interpreter runs kernels on host storage, so it cannot take fake or traced tensors (a GPU can)."""
-    if not interpreted() or type(t) is torch.Tensor:
-        return False
-    if isinstance(t, FakeTensor):
-        return True  # shape propagation only: the outputs' metadata is all that is needed
-    raise RuntimeError("biasfast::snr_loss_triton: torch.compile cannot trace Triton kernels under TRITON_INTERPRET=1")
-
-
-@triton_op("biasfast::snr_loss_triton", mutates_args=())
-def snr_loss_triton(
+def snr_loss(
     pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, weights: torch.Tensor,
     reduction: str, compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,8 +61,8 @@ def snr_loss_triton(
     partial = torch.empty((batch, chunks_per_sample), dtype=acc_dtype, device=pred.device)
     grad = torch.empty_like(p) if compute_grad else p.new_empty((0,))
     scale = 1.0 / batch if reduction == "mean" else 1.0
-    if not _interpreting_fake(p):
-        wrap_triton(_snr_loss_kernel)[(batch, chunks_per_sample)](
+    if batch and n:
+        _snr_loss_kernel[(batch, chunks_per_sample)](
             p, q, grad if compute_grad else p, partial, timesteps, weights,
             n, num_weights, chunk, chunks_per_sample, 2.0 * scale / n,
             HAS_GRAD=compute_grad, ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32, BLOCK=BLOCK,
@@ -84,7 +72,3 @@ def snr_loss_triton(
     loss = weighted if reduction == "none" else weighted.sum() * scale
     return loss, mse, grad
 
-
-torch.library.register_autograd(
-    "biasfast::snr_loss_triton", _ops.snr_loss_backward, setup_context=_ops.snr_loss_setup_context
-)

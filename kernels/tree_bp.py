@@ -1,6 +1,7 @@
-"""Exact belief propagation on the hierarchical model's tree as a Triton kernel (`biasfast::tree_bp_triton`).
+"""The CUDA kernel of `biasfast::tree_bp`, in Triton: exact belief propagation on the hierarchical model's tree.
 
-Same schema and results as the C++ op `biasfast::tree_bp` (csrc/cpu/hierarchy_bp.cpp). One program owns a block
+Same schema and results as the C++ kernel (csrc/cpu/tree_bp.cpp), registered as the op's CUDA kernel by
+biasfast/ops/tree_bp.py. One program owns a block
 of sequences; q, depth and the filter level k are compile-time constants, so both sweeps unroll and every level's
 messages stay in registers as (sequences, nodes, symbols) tensors. The grammar is used densely (zeros add
 nothing). Messages are renormalised at every node; a row whose normaliser falls below linear-space range is
@@ -15,10 +16,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import wrap_triton
-
-from biasfast.kernels import interpreted, register_op
 
 # Elements of the largest per-program intermediate, (sequences × nodes × q × q), which sets the block of sequences:
 # larger for the linear-space pass, small for the rare log-space one (its exp/log code is ~3× larger to compile).
@@ -240,7 +237,7 @@ def launch_constants(q: int, leaves: int, top_nodes: int, dtype: torch.dtype, lo
                 DT=compute, TINY=1e-290 if double else 1e-30, LOG_Q=math.log(q), LOG=log_space)
 
 
-def tree_bp_triton(evidence: torch.Tensor, scale: torch.Tensor, grammar: torch.Tensor,
+def tree_bp(evidence: torch.Tensor, scale: torch.Tensor, grammar: torch.Tensor,
                    top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     check_arguments(evidence, scale, grammar, top)
     batch, leaves, q = evidence.shape
@@ -249,14 +246,12 @@ def tree_bp_triton(evidence: torch.Tensor, scale: torch.Tensor, grammar: torch.T
     gr, tp = grammar.to(dtype).contiguous(), top.to(dtype).contiguous()
     out = torch.empty((batch, leaves, q), dtype=dtype, device=evidence.device)
     log_z = torch.empty((batch,), dtype=dtype, device=evidence.device)
-    if batch == 0 or (interpreted() and is_fake(ev)):
-        return out, log_z  # the interpreter cannot run on fake tensors (tracing needs shapes only)
+    if batch == 0:
+        return out, log_z
     redo = torch.empty((batch,), dtype=torch.int8, device=evidence.device)
     for log_space in (False, True):
         constants = launch_constants(q, leaves, top.shape[0], dtype, log_space)
         grid = (triton.cdiv(batch, constants["BLOCK"]),)
-        wrap_triton(_tree_bp_kernel)[grid](ev, sc, gr, tp, out, log_z, redo, batch, **constants)
+        _tree_bp_kernel[grid](ev, sc, gr, tp, out, log_z, redo, batch, **constants)
     return out, log_z
 
-
-tree_bp_triton = register_op("biasfast::tree_bp_triton", tree_bp_triton)

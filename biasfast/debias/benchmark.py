@@ -17,7 +17,7 @@ import torch
 from biasfast.data.colored_digits import ALIGNED_RATIOS, ColoredDigits, colored_digits, read_colour
 from biasfast.debias.amplifier import BiasAmplifier
 from biasfast.debias.classifier import TrainConfig
-from biasfast.debias.evaluation import METRICS, evaluate, mean_std
+from biasfast.debias.evaluation import GROUP_METRICS, evaluate, summarize_runs
 from biasfast.debias.recipes import recipe_one, recipe_two, train_erm, train_jtt, train_lff
 
 BASELINES = ("erm", "lff", "jtt", "ddb-real")
@@ -174,12 +174,16 @@ def run_benchmark(
     return results
 
 
+def _percent(mean: float, std: float | None) -> str:
+    return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
 def format_table(results: dict[float, dict[str, list[dict[str, float]]]]) -> str:
-    lines = ["| aligned ratio | method | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    lines = ["| aligned ratio | method | " + " | ".join(GROUP_METRICS) + " |", "|---|---|" + "---|" * len(GROUP_METRICS)]
     for ratio, by_method in results.items():
         for method, runs in by_method.items():
-            stats = mean_std(runs)
-            cells = " | ".join(f"{100 * stats[k][0]:.1f} ± {100 * stats[k][1]:.1f}" for k in METRICS)
+            summary = summarize_runs(runs)
+            cells = " | ".join(_percent(*summary[k]) for k in GROUP_METRICS)
             lines.append(f"| {ratio} | {method} | {cells} |")
     return "\n".join(lines)
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import statistics
 
 import torch
 from torch import nn
 
 from biasfast.data.colored_digits import NUM_CLASSES, ColoredSplit
 from biasfast.debias.classifier import predict_logits
+from biasfast.metrics.stats import mean_std
 
-METRICS = ("unbiased", "aligned", "conflicting", "worst_group")
+GROUP_METRICS = ("unbiased", "aligned", "conflicting", "worst_group")
 
 
 def accuracy_metrics(predictions: torch.Tensor, split: ColoredSplit, num_classes: int = NUM_CLASSES) -> dict[str, float]:
@@ -44,10 +44,6 @@ def evaluate(model: nn.Module, split: ColoredSplit) -> dict[str, float]:
     return accuracy_metrics(predict_logits(model, split.images).argmax(1), split)
 
 
-def mean_std(runs: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
-    """Mean and sample standard deviation of each metric over seeds."""
-    out = {}
-    for key in runs[0]:
-        values = [r[key] for r in runs]
-        out[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-    return out
+def summarize_runs(runs: list[dict[str, float]]) -> dict[str, tuple[float, float | None]]:
+    """Mean and sample standard deviation of each metric over seeds (`metrics.stats.mean_std`)."""
+    return {key: mean_std([run[key] for run in runs]) for key in runs[0]}

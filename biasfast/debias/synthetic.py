@@ -1,6 +1,6 @@
 """DDB step 1: a class-conditional diffusion model with CFG, sampled at high guidance → bias-aligned images.
 
-The denoiser is trained by biasfast.training.Trainer (fused SNR-weighted loss) with label dropout to the null
+The denoiser is trained by biasfast.diffusion.training.Trainer (fused SNR-weighted loss) with label dropout to the null
 class (p = 0.1), and sampled by biasfast.sample through the fused CFG step. Images are mapped [0, 1] ↔ [−1, 1].
 """
 
@@ -15,8 +15,9 @@ from typing import Callable
 import torch
 
 from biasfast.data.colored_digits import NUM_CLASSES, ColoredDigits, check_labelled_images
-from biasfast.schedules import NoiseSchedule
-from biasfast.training import load_checkpoint, save_atomic
+from biasfast._core.io import load_checkpoint, save_atomic
+from biasfast.diffusion.sampling import sample
+from biasfast.diffusion.schedules import NoiseSchedule
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,8 @@ def train_conditional_diffusion(
     log: Callable[[str], None] | None = None,
 ) -> tuple[torch.nn.Module, NoiseSchedule]:
     """Train a class-conditional denoiser (null class = NUM_CLASSES) on images in [0, 1]."""
-    from biasfast.models import build_model
-    from biasfast.training import TrainConfig, Trainer
+    from biasfast.diffusion.models import build_model
+    from biasfast.diffusion.training import TrainConfig, Trainer
 
     check_labelled_images(images, labels)
     if images.dim() != 4:
@@ -88,10 +89,9 @@ def generate(
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """per_class images of every class with CFG at config.guidance_scale (fused CFG step) → images in [0, 1]."""
-    import biasfast
 
     labels = torch.arange(NUM_CLASSES).repeat_interleave(config.per_class)
-    x = biasfast.sample(model, (labels.numel(), *image_shape), schedule, steps=config.sampling_steps,
+    x = sample(model, (labels.numel(), *image_shape), schedule, steps=config.sampling_steps,
                         guidance_scale=config.guidance_scale, class_labels=labels, null_label=NUM_CLASSES,
                         clip_sample=1.0, seed=seed, batch_size=config.sampling_batch,
                         progress=config.progress)

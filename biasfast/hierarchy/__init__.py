@@ -1,7 +1,7 @@
 """The filtered hierarchical data model, its exact belief-propagation denoiser, Gaussian one-hot diffusion on it
 and the bias-mechanism experiments (issue 8)."""
 
-from biasfast.hierarchy.bp import tree_bp
+from biasfast.ops.tree_bp import tree_bp
 from biasfast.hierarchy.denoiser import SequenceDenoiser
 from biasfast.hierarchy.diffusion import OneHotDiffusion, bp_estimate, network_estimate
 from biasfast.hierarchy.model import FilteredHierarchicalModel

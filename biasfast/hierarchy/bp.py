@@ -1,4 +1,4 @@
-"""Exact belief propagation on the hierarchical model's tree, on the fused `biasfast::tree_bp` kernel.
+"""Evidence for exact belief propagation on the hierarchical model's tree (the `biasfast::tree_bp` op).
 
 All evidence is given as leaf log-potentials: Gaussian noise on one-hot tokens (the diffusion denoiser), observed
 tokens (likelihoods) or observed-or-masked tokens; the same engine turns them into exact leaf posteriors.
@@ -8,33 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from biasfast import _extension, kernels
-from biasfast._validation import check_finite, check_floating, check_tensor
-
-
-def tree_bp(
-    log_evidence: torch.Tensor, grammar: torch.Tensor, top: torch.Tensor, scale: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact leaf posteriors (B, L, q) and log partition (B,) for leaf log-potentials scale[b]·log_evidence[b].
-
-    `grammar` is M (q, q, q); `top` (2^k, q, q) the root-to-depth-k matrices of the k-filtered model (identity
-    for the full model); the root is uniform. A row whose evidence is impossible has log partition −inf and NaN
-    posteriors. float32 for float32/float16/bfloat16 evidence, float64 for float64. CPU tensors run the C++
-    kernel, CUDA tensors the Triton kernel (`biasfast::tree_bp_triton`).
-    """
-    if scale is None:
-        scale = log_evidence.new_ones(log_evidence.shape[0])
-    return _operator(log_evidence.device)(log_evidence, scale, grammar, top)
-
-
-def _operator(device: torch.device):
-    """The C++ kernel on the CPU, the Triton kernel on CUDA; never a silent fallback to the reference."""
-    if device.type == "cuda":
-        if "tree_bp_triton" not in kernels.TRITON_OPS:
-            raise RuntimeError("log_evidence: tree BP on CUDA tensors needs Triton (pip install triton)")
-        return torch.ops.biasfast.tree_bp_triton
-    _extension.require()
-    return torch.ops.biasfast.tree_bp
+from biasfast._core.checks import check_finite, check_floating, check_tensor
+from biasfast._core.extension import accumulate_dtype
 
 
 def check_sequences(tokens: object, q: int, leaves: int, name: str) -> torch.Tensor:
@@ -81,7 +56,7 @@ def gaussian_evidence(x_t: torch.Tensor, alpha_bar: torch.Tensor) -> tuple[torch
         peaks = torch.where(evidence == evidence.amax(-1, keepdim=True), 0.0, -torch.inf).to(evidence.dtype)
         evidence = torch.where(clean[:, None, None], peaks, evidence)
         scale = torch.where(clean, 1.0, scale)
-    return evidence, scale.to(_compute_dtype(x_t.dtype))
+    return evidence, scale.to(accumulate_dtype(x_t.dtype))
 
 
 def token_evidence(tokens: torch.Tensor, q: int, dtype: torch.dtype, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,6 +67,3 @@ def token_evidence(tokens: torch.Tensor, q: int, dtype: torch.dtype, mask: torch
         evidence.masked_fill_(mask.unsqueeze(-1), 0.0)
     return evidence
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from biasfast.models import timestep_embedding
+from biasfast.diffusion.models import timestep_embedding
 
 TIME_FEATURES = 32  # sinusoidal features of t before the linear time embedding
 CPU_SIZE = {"width": 128, "layers": 4}

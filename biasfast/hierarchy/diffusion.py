@@ -13,9 +13,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from biasfast._validation import check_tensor
+from biasfast._core.checks import check_tensor
 from biasfast.hierarchy import bp
-from biasfast.schedules import NoiseSchedule
+from biasfast.diffusion.schedules import NoiseSchedule
 
 X0Estimate = Callable[[torch.Tensor, int], torch.Tensor]  # (x_t (B, L, q), t) → x̂0 probabilities (B, L, q)
 

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-import biasfast
 from biasfast.hierarchy.diffusion import bp_estimate, network_estimate
-from biasfast.hierarchy.measures import (argmin_epoch, histogram_kl, loss_terms, mean_se, nn_histogram, overlap,
+from biasfast.hierarchy.measures import (argmin_epoch, loss_terms, nn_histogram, overlap,
                                          sequence_kl)
 from biasfast.hierarchy.train import PairTrainer, cross_entropy
-from biasfast.training import stream_seed
+from biasfast._core.seeds import generator_for
+from biasfast.metrics.stats import histogram_kl, mean_se
+from biasfast.neighbors.knn import knn
 
 EXPERIMENTS = ("sequential", "nn-divergence", "loss-decomposition", "uturn")
 
@@ -40,7 +41,7 @@ class EvalConfig:
 
 
 def _generator(seed: int, *key: object) -> torch.Generator:
-    return torch.Generator().manual_seed(stream_seed(seed, "hierarchy-eval/" + "/".join(map(str, key)), 0))
+    return generator_for(seed, "hierarchy-eval", *key)
 
 
 @torch.no_grad()
@@ -127,7 +128,7 @@ def nn_divergence(trainer: PairTrainer, config: EvalConfig, progress: bool = Tru
     sets = _eval_sets(trainer, config.n_eval)
     # the baseline is i.i.d. fresh data, accidental copies of training sequences included (not the copy-free set)
     fresh = data.rows(0, config.n_eval, stream=2)
-    fresh_nn = biasfast.knn(fresh, train, 1, metric="hamming")[0][:, 0]
+    fresh_nn = knn(fresh, train, 1, metric="hamming")[0][:, 0]
     p_test = nn_histogram(fresh_nn, data.num_leaves)
     loss_inputs = {}
     for name, x0 in (("train", train), ("test", sets["test"])):
@@ -141,7 +142,7 @@ def nn_divergence(trainer: PairTrainer, config: EvalConfig, progress: bool = Tru
         network = trainer.weights("A", epoch)
         generated = diffusion.sample(network_estimate(network), config.n_eval, data.num_leaves, steps=steps,
                                      generator=_generator(config.seed, "nn-sample"))  # same x_T and noise each epoch
-        gen_nn = biasfast.knn(generated, train, 1, metric="hamming")[0][:, 0]
+        gen_nn = knn(generated, train, 1, metric="hamming")[0][:, 0]
         p_gen = nn_histogram(gen_nn, data.num_leaves)
         histograms.append(p_gen.tolist())
         curves["nn_divergence"].append(histogram_kl(p_gen, p_test))

@@ -26,23 +26,10 @@ def sequence_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (p * (p.log() - q.log())).sum((-1, -2))
 
 
-def mean_se(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error of a 1-D sample."""
-    values = values.double().flatten()
-    se = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else 0.0
-    return float(values.mean()), se
-
-
 def nn_histogram(distances: torch.Tensor, length: int, bins: int = NN_BINS) -> torch.Tensor:
     """Probability mass of nearest-neighbour Hamming distances in `bins` equal bins over [0, length]."""
     counts = torch.histc(distances.double(), bins=bins, min=0, max=length)
     return counts / counts.sum()
-
-
-def histogram_kl(p: torch.Tensor, q: torch.Tensor) -> float:
-    """Σ_b P(b) log(P(b)/Q(b)) of two histograms, both clipped to [1e-8, 1]."""
-    p, q = p.double().clamp(EPS, 1.0), q.double().clamp(EPS, 1.0)
-    return float((p * (p.log() - q.log())).sum())
 
 
 def loss_terms(logits: torch.Tensor, tokens: torch.Tensor, marginals: torch.Tensor) -> dict[str, torch.Tensor]:

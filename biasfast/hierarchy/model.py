@@ -15,6 +15,7 @@ from biasfast.hierarchy import bp
 from biasfast.hierarchy.enumeration import enumerate_sequences
 from biasfast.hierarchy.grammar import make_grammar, path_matrices
 from biasfast.hierarchy.sampling import _draw, sample_leaves
+from biasfast.ops.tree_bp import tree_bp
 
 _ROWS_PER_CHUNK = 8192  # `rows` draws the dataset in fixed chunks, so any slice is reproducible on its own
 _SPLIT_ROUNDS = 50  # batches of fresh rows `split` tries before it declares the support exhausted
@@ -174,7 +175,7 @@ class FilteredHierarchicalModel:
     def _run(self, evidence: torch.Tensor, k: int, scale: torch.Tensor | None = None):
         top = self.path_matrices(k)
         dtype = evidence.dtype if evidence.dtype == torch.float64 else torch.float32
-        return bp.tree_bp(evidence, self.grammar.to(evidence.device, dtype), top.to(evidence.device, dtype), scale)
+        return tree_bp(evidence, self.grammar.to(evidence.device, dtype), top.to(evidence.device, dtype), scale)
 
     def _check_level(self, k: int) -> None:
         if not isinstance(k, int) or not 0 <= k <= self.depth:

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from biasfast.experiment import write_json_atomic
+from biasfast._core.io import save_atomic, write_json_atomic
+from biasfast._core.seeds import generator_for, seed_for
 from biasfast.hierarchy.denoiser import SequenceDenoiser
 from biasfast.hierarchy.diffusion import OneHotDiffusion
 from biasfast.hierarchy.model import FilteredHierarchicalModel
-from biasfast.training import log_spaced_steps, save_atomic, stream_seed
+from biasfast.diffusion.training import log_spaced_steps
 
 NAMES = ("A", "B")  # model A trains on block 0, model B on block 1
 CONFIG_FILE = "config.json"
@@ -70,7 +71,7 @@ class PairConfig:
         that training on different data leaves, not how far two copies of one initialisation drift apart.
         """
         with torch.random.fork_rng():
-            torch.manual_seed(self.seed + NAMES.index(name))
+            torch.manual_seed(seed_for(self.seed, "hierarchy-init", name))
             return SequenceDenoiser(self.q, 2**self.depth, self.width, self.layers)
 
     def epoch_grid(self) -> list[int]:
@@ -149,7 +150,7 @@ class PairTrainer:
                    disable=not progress, leave=False)
         network.train()
         while epoch < config.epochs:
-            generator = torch.Generator().manual_seed(stream_seed(config.seed, f"hierarchy/{name}", epoch))
+            generator = generator_for(config.seed, "hierarchy", name, epoch)
             order = torch.randperm(len(data), generator=generator)
             total = 0.0
             for start in range(0, len(data), config.batch_size):

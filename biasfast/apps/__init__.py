@@ -1,0 +1,2 @@
+"""The command line (`biasfast run | compare | hierarchy | debias | bias-score | info`). The top layer: nothing in
+the library imports it."""

@@ -1,0 +1,177 @@
+"""Sampling loops on the fused step, and coupled sampling: several models from exactly the same noise.
+
+The noise of sample j at step k comes from a generator keyed by (seed, j, k) alone, so a sample does not
+depend on the batch size, on its position in a batch, or on which model is sampled: comparing models
+(e.g. two trained on disjoint halves of the data) then measures the models, not the noise.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from biasfast._core.checks import check_tensor
+from biasfast._core.constants import SAMPLER_METHODS
+from biasfast._core.seeds import seed_for
+from biasfast.diffusion.schedules import NoiseSchedule
+from biasfast.ops.sampler_step import sampler_step
+
+Model = Callable[..., torch.Tensor]
+DEFAULT_DDIM_STEPS = 50
+
+
+def step(
+    x_t: torch.Tensor,
+    model_output: torch.Tensor,
+    t: int | torch.Tensor,
+    t_prev: int | torch.Tensor,
+    schedule: NoiseSchedule,
+    **options,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """x_t → x_{t_prev} on `schedule`, as diffusers' `DDPMScheduler.step` (fixed_small variance) /
+    `DDIMScheduler.step`, in one fused pass (the `biasfast::sampler_step` op). Options (method, prediction, eta,
+    guidance_scale, uncond_output, noise, clip_sample, return_x0, out) are those of
+    `biasfast.ops.sampler_step.sampler_step`; the ᾱ table stays on x_t's device, so no step syncs the host."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule: expected a biasfast.NoiseSchedule, got {type(schedule).__name__}")
+    check_tensor(x_t, "x_t")
+    return sampler_step(x_t, model_output, t, t_prev, schedule.table(x_t.device, torch.float64), **options)
+def keyed_normal(seed: int, indices: range, step_index: int, shape: tuple[int, ...], device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise for samples `indices` at `step_index`: row j is drawn from its own keyed generator
+    (in float32 on the CPU, so the noise is the same on every device and dtype)."""
+    generator = torch.Generator()
+    out = torch.empty((len(indices), *shape), dtype=torch.float32)
+    for row, index in enumerate(indices):
+        generator.manual_seed(seed_for(seed, index, step_index))
+        torch.randn(shape, generator=generator, out=out[row])
+    return out.to(device=device, dtype=dtype)
+
+
+def sample(
+    model: Model,
+    shape: Sequence[int],
+    schedule: NoiseSchedule,
+    *,
+    steps: int | None = None,
+    method: str = "ddim",
+    eta: float = 0.0,
+    guidance_scale: float | None = None,
+    class_labels: int | torch.Tensor | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    progress: bool = True,
+    **options,
+) -> torch.Tensor:
+    """Draw shape[0] samples of shape[1:] from `model(x, t, class_labels=None)`; see `sample_coupled`."""
+    if len(shape) < 2:
+        raise ValueError(f"shape: expected (n, *sample_shape), got {tuple(shape)}")
+    return sample_coupled([model], shape[0], tuple(shape[1:]), schedule, steps=steps, method=method, eta=eta,
+                          guidance_scale=guidance_scale, class_labels=class_labels, seed=seed,
+                          batch_size=batch_size, progress=progress, **options)[0]
+
+
+def sample_coupled(
+    models: Sequence[Model],
+    n: int,
+    shape: Sequence[int],
+    schedule: NoiseSchedule,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    method: str = "ddim",
+    eta: float = 0.0,
+    prediction: str = "epsilon",
+    guidance_scale: float | None = None,
+    class_labels: int | torch.Tensor | None = None,
+    null_label: int | None = None,
+    clip_sample: float | None = None,
+    spacing: str = "leading",
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> list[torch.Tensor]:
+    """n samples of `shape` from each model, sample j of every model from the same x_T and per-step noise.
+
+    `model(x, t, class_labels)` returns the prediction (`prediction`: epsilon, sample or v_prediction) for x
+    (B, *shape) at integer timesteps t (B,). With `guidance_scale` s (diffusers' convention; s = 1 + w for
+    Ho & Salimans' w), each step calls the model with `class_labels` and with None, or once on a doubled batch
+    whose second half is labelled `null_label` when one is given. Timesteps: `schedule.timesteps(steps,
+    spacing)` (steps defaults to 50 for DDIM, every step for DDPM), each step going to the next one (-1 last).
+    The noise of sample j depends only on (seed, j, step), so results do not depend on `batch_size`.
+    """
+    models = list(models)
+    if not models or not all(callable(m) for m in models):
+        raise TypeError("models: expected a non-empty sequence of callables model(x, t, class_labels)")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive int, got {n!r}")
+    shape = tuple(shape)
+    if method not in SAMPLER_METHODS:
+        raise ValueError(f"method: unknown {method!r}; expected one of {SAMPLER_METHODS}")
+    batch_size = n if batch_size is None else batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    labels = _labels(class_labels, n, guidance_scale)
+    device = torch.device(device) if device is not None else _model_device(models[0])
+    if steps is None:
+        steps = schedule.num_timesteps if method == "ddpm" else min(DEFAULT_DDIM_STEPS, schedule.num_timesteps)
+    timesteps = schedule.timesteps(steps, spacing).tolist()
+    pairs = list(zip(timesteps, timesteps[1:] + [-1]))
+    noisy = method == "ddpm" or eta > 0
+    config = dict(method=method, prediction=prediction, eta=eta, guidance_scale=guidance_scale,
+                  clip_sample=clip_sample)
+
+    outputs: list[list[torch.Tensor]] = [[] for _ in models]
+    batches = range(0, n, batch_size)
+    bar = tqdm(total=len(batches) * len(pairs), disable=not progress, desc="sampling", unit="step")
+    with torch.no_grad():
+        for start in batches:
+            indices = range(start, min(n, start + batch_size))
+            batch_labels = None if labels is None else labels[start:indices.stop].to(device)
+            x_T = keyed_normal(seed, indices, 0, shape, device, dtype)
+            xs = [x_T.clone() for _ in models]
+            for k, (t, t_prev) in enumerate(pairs):
+                noise = keyed_normal(seed, indices, k + 1, shape, device, dtype) if noisy else None
+                t_batch = torch.full((len(indices),), t, dtype=torch.int64, device=device)
+                for m, model in enumerate(models):
+                    cond, uncond = _predict(model, xs[m], t_batch, batch_labels, guidance_scale, null_label)
+                    step(xs[m], cond, t_batch, t_prev, schedule, uncond_output=uncond, noise=noise, out=xs[m],
+                         **config)
+                bar.update(1)
+            for m in range(len(models)):
+                outputs[m].append(xs[m])
+    bar.close()
+    return [torch.cat(chunks) for chunks in outputs]
+
+
+def _labels(class_labels, n: int, guidance_scale: float | None) -> torch.Tensor | None:
+    if class_labels is None:
+        if guidance_scale is not None:
+            raise ValueError("class_labels: required with guidance_scale (classifier-free guidance)")
+        return None
+    if isinstance(class_labels, int) and not isinstance(class_labels, bool):
+        return torch.full((n,), class_labels, dtype=torch.int64)
+    if isinstance(class_labels, torch.Tensor) and class_labels.shape[:1] == (n,):
+        return class_labels
+    raise ValueError(f"class_labels: expected an int or a tensor with {n} rows, got {class_labels!r:.80}")
+
+
+def _model_device(model: Model) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        for parameter in model.parameters():
+            return parameter.device
+    return torch.device("cpu")
+
+
+def _predict(model: Model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+             guidance_scale: float | None, null_label: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(conditional, unconditional) outputs; unconditional only with guidance."""
+    if guidance_scale is None:
+        return model(x, t, labels), None
+    if null_label is None:
+        return model(x, t, labels), model(x, t, None)
+    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null_label)]))
+    return both.chunk(2)

@@ -1,0 +1,149 @@
+"""Trainer: counter-based randomness, exact resume from a checkpoint, EMA, the fixed-noise test loss."""
+
+
+import pytest
+import torch
+
+import biasfast
+from biasfast.diffusion.models import build_model
+from biasfast.diffusion.schedules import NoiseSchedule
+from biasfast._core.io import load_checkpoint, save_atomic
+from biasfast._core.seeds import generator_for
+from biasfast.diffusion.training import DenoisingEval, TrainConfig, Trainer, diffusion_target, log_spaced_steps
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+SCHEDULE = NoiseSchedule("linear", 1000)
+
+
+def _images(n=37, seed=0):
+    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _trainer(images=None, **config):
+    config = {"batch_size": 16, "lr": 1e-3, "seed": 1, **config}
+    model = build_model("mlp", hidden=32, seed=0)
+    return Trainer(model, _images() if images is None else images, SCHEDULE, TrainConfig(**config))
+
+
+def test_batches_are_epoch_permutations_wrapping_across_epochs():
+    trainer = _trainer()
+    order = torch.cat([trainer._batch_indices(s) for s in range(7)])  # 112 positions over 37 images
+    for epoch in range(3):
+        assert sorted(order[epoch * 37:(epoch + 1) * 37].tolist()) == list(range(37))
+    assert not torch.equal(order[:37], order[37:74])
+    fresh = _trainer()
+    assert torch.equal(fresh._batch_indices(5), trainer._batch_indices(5))  # depends on the step only
+
+
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_resume_from_checkpoint_is_bit_identical(tmp_path, ema):
+    straight = _trainer(ema_decay=ema)
+    losses = [straight.train_step() for _ in range(9)]
+    first = _trainer(ema_decay=ema)
+    for _ in range(4):
+        first.train_step()
+    save_atomic(first.state_dict(), str(tmp_path / "ckpt.pt"))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp file left behind
+    resumed = _trainer(ema_decay=ema)
+    resumed.load_state_dict(load_checkpoint(str(tmp_path / "ckpt.pt")))
+    resumed_losses = [resumed.train_step() for _ in range(5)]
+    assert resumed_losses == losses[4:]
+    for a, b in zip(straight.eval_model.state_dict().values(), resumed.eval_model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert resumed.step == 9
+
+
+def test_ema_tracks_the_weights():
+    trainer = _trainer(ema_decay=0.75)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train_step()
+    for e, p, b in zip(trainer.ema.parameters(), trainer.model.parameters(), before):
+        torch.testing.assert_close(e, 0.75 * b + 0.25 * p)
+    assert trainer.eval_model is trainer.ema
+
+
+def test_training_step_uses_the_weighted_loss():
+    """The first step's loss equals the SNR-weighted ε-MSE recomputed by hand from the same randomness."""
+    for name in ("constant", "debias"):
+        trainer = _trainer(weighting=name)
+        model_copy = build_model("mlp", hidden=32, seed=0)
+        index = trainer._batch_indices(0)
+        g = generator_for(1, "step", 0)
+        t = torch.randint(0, 1000, (16,), generator=g)
+        noise = torch.randn(16, 1, 8, 8, generator=g)
+        x0 = trainer.images[index]
+        ab = SCHEDULE.alphas_cumprod.float()[t].view(-1, 1, 1, 1)
+        pred = model_copy(ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t)
+        weights = biasfast.weighting(name, SCHEDULE, "epsilon").float()
+        expected = (weights[t] * (pred - noise).square().flatten(1).mean(1)).mean()
+        assert trainer.train_step() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_training_lowers_the_test_loss():
+    from biasfast.data import load_digits, split_disjoint
+
+    split = split_disjoint(load_digits(), 200, 100, seed=0)
+    model = build_model("mlp", hidden=128, seed=0)
+    trainer = Trainer(model, split.train_a, SCHEDULE, TrainConfig(batch_size=64, lr=3e-3))
+    evaluate = DenoisingEval(split.test, SCHEDULE, bins=5, seed=0)
+    before, _ = evaluate(trainer.model)
+    for _ in range(100):
+        trainer.train_step()
+    after, bins = evaluate(trainer.model)
+    assert after < 0.7 * before and bins[0] > bins[-1]  # ε is hardest to predict at low noise
+
+
+def test_denoising_eval_is_fixed_and_stratified():
+    evaluate = DenoisingEval(_images(11), SCHEDULE, bins=4, seed=2)
+    model = build_model("mlp", hidden=16, seed=0)
+    loss, bins = evaluate(model)
+    assert (loss, bins) == evaluate(model) and len(bins) == 4
+    assert loss == pytest.approx(sum(bins) / 4)
+    k = torch.arange(44) % 4
+    assert ((evaluate.t >= k * 250) & (evaluate.t < (k + 1) * 250)).all()
+    model.train()
+    evaluate(model)
+    assert model.training  # restored
+
+
+def test_v_and_sample_targets():
+    x0, eps, ab = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2), torch.full((3, 1, 1, 1), 0.36)
+    torch.testing.assert_close(diffusion_target(x0, eps, ab, "v_prediction"), 0.6 * eps - 0.8 * x0)
+    assert diffusion_target(x0, eps, ab, "sample") is x0
+
+
+def test_class_conditional_training_with_label_dropout():
+    model = build_model("unet", base_channels=8, num_classes=3, seed=0)
+    labels = torch.arange(37) % 3
+    trainer = Trainer(model, _images(), SCHEDULE, TrainConfig(batch_size=8, label_dropout=0.2), labels=labels)
+    assert torch.isfinite(torch.tensor(trainer.train_step()))
+    with pytest.raises(ValueError, match="num_classes"):
+        Trainer(build_model("mlp", hidden=8), _images(), SCHEDULE, TrainConfig(), labels=labels)
+
+
+def test_log_spaced_steps():
+    steps = log_spaced_steps(3000, 10, 30)
+    assert steps[0] == 30 and steps[-1] == 3000 and steps == sorted(set(steps))
+    ratios = [b / a for a, b in zip(steps, steps[1:])]
+    assert max(ratios) / min(ratios) < 1.1
+    assert log_spaced_steps(5, 10) == [1, 2, 3, 4, 5]
+
+
+def test_bad_configuration():
+    with pytest.raises(ValueError, match="weighting"):
+        _trainer(weighting="no_such_weighting")
+    with pytest.raises(ValueError, match="prediction"):
+        TrainConfig(prediction="score")
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="images"):
+        Trainer(build_model("mlp"), torch.zeros(3, 64), SCHEDULE, TrainConfig())
+    trainer = _trainer(ema_decay=0.9)
+    state = trainer.state_dict()
+    with pytest.raises(ValueError, match="EMA"):
+        _trainer().load_state_dict(state)

@@ -1,0 +1,333 @@
+"""Gaussian one-hot diffusion on the hierarchical model: noising, the DDPM posterior sampler, the transformer
+denoiser and its training, the bias estimators and the `biasfast hierarchy` experiments (issue 8)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import biasfast.hierarchy.train as train_module
+from biasfast.apps.main import main
+from biasfast.hierarchy import FilteredHierarchicalModel
+from biasfast.hierarchy.denoiser import SequenceDenoiser
+from biasfast.hierarchy.diffusion import OneHotDiffusion, bp_estimate, network_estimate
+from biasfast.metrics.stats import histogram_kl
+from biasfast.hierarchy.measures import (argmin_epoch, loss_terms, nn_histogram, overlap,
+                                         sequence_kl)
+from biasfast.hierarchy.train import PairConfig, PairTrainer, lr_factor
+
+SMALL = dict(q=4, depth=3, sigma=1.3, q_eff=3, seed=3)
+
+
+@pytest.fixture(autouse=True)
+def _single_thread(one_thread):
+    """Small networks and batches: one thread (the CLI's default too)."""
+
+
+def small_model():
+    return FilteredHierarchicalModel(**SMALL)
+
+
+# ---- forward process and schedule ----
+
+
+def test_schedule_values_of_the_paper():
+    diffusion = OneHotDiffusion(6)
+    assert diffusion.num_timesteps == 500 and diffusion.alpha_bar[0] == 1
+    assert diffusion.timestep(0.15) == 75 and diffusion.timestep(0.3) == 150
+    assert diffusion.alpha_bar[75].item() == pytest.approx(0.789, abs=1e-3)
+    assert diffusion.alpha_bar[150].item() == pytest.approx(0.397, abs=1e-3)
+    assert diffusion.alpha_bar[500].item() == pytest.approx(4e-5, rel=0.1)
+    t = diffusion.random_timesteps(20_000, torch.Generator().manual_seed(0))
+    assert t.min() == 1 and t.max() == 500
+
+
+def test_forward_noising_statistics():
+    diffusion = OneHotDiffusion(6)
+    tokens = torch.randint(6, (4000, 16), generator=torch.Generator().manual_seed(1))
+    t = 150
+    x_t = diffusion.noise(tokens, t, torch.Generator().manual_seed(2))
+    alpha = diffusion.alpha_bar[t].item()
+    residual = x_t - alpha**0.5 * torch.nn.functional.one_hot(tokens, 6)
+    n = residual.numel()
+    assert abs(residual.mean().item()) < 5 / math.sqrt(n)
+    assert residual.var().item() == pytest.approx(1 - alpha, rel=0.02)
+    # per-sample timesteps: each row is noised at its own level
+    per_sample = diffusion.noise(tokens[:2], torch.tensor([1, 500]), torch.Generator().manual_seed(2))
+    assert (per_sample[0] - torch.nn.functional.one_hot(tokens[0], 6)).abs().max() < 0.2
+    assert per_sample[1].abs().max() > 1.5
+
+
+@pytest.mark.parametrize("t,s", [(100, 99), (100, 40), (3, 0)])
+def test_posterior_step_with_true_x0_keeps_the_forward_marginal(t, s):
+    # x_t ~ q(x_t | x0), then x_s ~ q(x_s | x_t, x0) must be distributed as q(x_s | x0): mean sqrt(ᾱ_s)·x0,
+    # variance 1 − ᾱ_s. A wrong mean coefficient or variance breaks this.
+    diffusion = OneHotDiffusion(6)
+    generator = torch.Generator().manual_seed(5)
+    tokens = torch.randint(6, (20_000, 4), generator=generator)
+    x0 = torch.nn.functional.one_hot(tokens, 6).float()
+    x_t = diffusion.noise(tokens, t, generator)
+    x_s = diffusion.posterior_step(x_t, t, s, x0, torch.randn(x_t.shape, generator=generator))
+    a_s = diffusion.alpha_bar[s].item()
+    residual = x_s - a_s**0.5 * x0
+    assert abs(residual.mean().item()) < 5 / math.sqrt(residual.numel())
+    assert residual.var().item() == pytest.approx(1 - a_s, rel=0.02, abs=1e-6)
+
+
+def test_reverse_timesteps():
+    diffusion = OneHotDiffusion(6)
+    assert diffusion.reverse_timesteps(5) == [5, 4, 3, 2, 1, 0]
+    grid = diffusion.reverse_timesteps(500, 50)
+    assert grid[0] == 500 and grid[-1] == 0 and len(grid) == 51 and grid == sorted(grid, reverse=True)
+
+
+# ---- the sampler ----
+
+
+def test_sampler_with_exact_bp_produces_grammatical_sequences_of_the_model():
+    # With the exact denoiser the sampler draws from the model: every sequence valid (no forbidden sibling pair),
+    # mean log-likelihood = −entropy. The uniform "denoiser" (no knowledge) fails both checks.
+    model = small_model()
+    diffusion = OneHotDiffusion(model.q)
+    sequences, probs = model.enumerate()
+    entropy = -(probs * probs.log()).sum().item()
+    samples = diffusion.sample(bp_estimate(model, diffusion), 1000, model.num_leaves,
+                               generator=torch.Generator().manual_seed(0))
+    log_p = model.log_likelihood(samples)
+    assert torch.isfinite(log_p).all()
+    pairs = samples.reshape(-1, 2)
+    assert not any(((pairs[:, 0] == b) & (pairs[:, 1] == c)).any() for b, c in model.forbidden_pairs)
+    se = log_p.std().item() / math.sqrt(len(log_p))
+    assert log_p.mean().item() == pytest.approx(-entropy, abs=5 * se + 0.05)
+
+    def uniform(x_t, t):
+        return torch.full_like(x_t, 1 / model.q)
+
+    noise = diffusion.sample(uniform, 200, model.num_leaves, generator=torch.Generator().manual_seed(0))
+    assert torch.isinf(model.log_likelihood(noise)).float().mean() > 0.5
+
+
+def test_shared_noise_makes_paired_samples_identical_and_seeds_matter():
+    torch.manual_seed(0)
+    network = SequenceDenoiser(6, 16, width=16, layers=1).eval()
+    diffusion = OneHotDiffusion(6)
+    run = lambda seed: diffusion.sample(network_estimate(network), 64, 16, steps=20,
+                                        generator=torch.Generator().manual_seed(seed))
+    first, again, other = run(7), run(7), run(8)
+    chunked = diffusion.sample(network_estimate(network, batch=10), 64, 16, steps=20,
+                               generator=torch.Generator().manual_seed(7))
+    assert torch.equal(first, again) and torch.equal(first, chunked)
+    assert not torch.equal(first, other)
+    assert first.shape == (64, 16) and first.dtype == torch.int64
+
+
+def test_denoise_from_small_t_with_bp_recovers_most_tokens():
+    model = small_model()
+    diffusion = OneHotDiffusion(model.q)
+    x0 = model.sample(300, generator=torch.Generator().manual_seed(1))
+    x_t = diffusion.noise(x0, 5, torch.Generator().manual_seed(2))
+    out = diffusion.denoise(x_t, 5, bp_estimate(model, diffusion), generator=torch.Generator().manual_seed(3))
+    assert overlap(out, x0).mean() > 0.97
+
+
+# ---- network and training ----
+
+
+def test_sequence_denoiser_shapes_and_default_size():
+    net = SequenceDenoiser(6, 16)
+    assert net.embed.out_features == 128 and len(net.encoder.layers) == 4
+    assert net.encoder.layers[0].linear1.out_features == 256 and net.encoder.layers[0].self_attn.num_heads == 4
+    out = net(torch.randn(3, 16, 6), torch.tensor([1, 250, 500]))
+    assert out.shape == (3, 16, 6)
+    with pytest.raises(ValueError, match=r"x_t: expected shape \(batch, 16, 6\)"):
+        net(torch.randn(3, 15, 6), torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="width: must be divisible by heads"):
+        SequenceDenoiser(6, 16, width=30)
+
+
+def test_lr_schedule_is_the_papers_default():
+    assert lr_factor(0, 1000, 50) == 1.0
+    assert lr_factor(25, 1000, 50) == pytest.approx(0.75)
+    assert lr_factor(50, 1000, 50) == pytest.approx(0.5)
+    assert lr_factor(1000, 1000, 50) == pytest.approx(0.1)
+
+
+TINY_PAIR = dict(SMALL, n_train=48, epochs=4, checkpoints=2, first_checkpoint=2, width=16, layers=1, batch_size=32)
+
+
+def _pair_config(**overrides):
+    values = {k: v for k, v in TINY_PAIR.items() if k != "seed"}
+    values["data_seed"] = SMALL["seed"]
+    return PairConfig(**{**values, **overrides})
+
+
+def test_training_resumes_bit_identically(tmp_path, monkeypatch):
+    config = _pair_config()
+    assert config.epoch_grid() == [2, 4]
+    PairTrainer(config, str(tmp_path / "whole")).train(progress=False)
+
+    saves = []
+    real_save = train_module.save_atomic
+
+    def crash_after_first_state(obj, path):
+        real_save(obj, path)
+        saves.append(path)
+        if path.endswith("state.pt"):
+            raise KeyboardInterrupt  # killed right after the epoch-2 state of model A reached the disk
+
+    monkeypatch.setattr(train_module, "save_atomic", crash_after_first_state)
+    with pytest.raises(KeyboardInterrupt):
+        PairTrainer(config, str(tmp_path / "cut")).train(progress=False)
+    monkeypatch.setattr(train_module, "save_atomic", real_save)
+    resumed = PairTrainer(config, str(tmp_path / "cut"))
+    assert not resumed.done()
+    resumed.train(progress=False)
+    whole = PairTrainer(config, str(tmp_path / "whole"))
+    for name in ("A", "B"):
+        for a, b in zip(whole.weights(name, 4).state_dict().values(), resumed.weights(name, 4).state_dict().values()):
+            assert torch.equal(a, b)
+        assert whole.train_losses(name) == resumed.train_losses(name)
+    assert not torch.equal(whole.weights("A", 4).head.weight, whole.weights("B", 4).head.weight)
+
+
+def test_models_folder_with_other_settings_is_refused(tmp_path):
+    PairTrainer(_pair_config(), str(tmp_path)).train(progress=False)
+    with pytest.raises(ValueError, match=r"models: .* other settings \(epochs\)"):
+        PairTrainer(_pair_config(epochs=5), str(tmp_path))
+
+
+# ---- estimators against hand-computed cases ----
+
+
+def test_sequence_kl_by_hand():
+    p = torch.tensor([[[0.5, 0.5], [1.0, 0.0]]])
+    q = torch.tensor([[[0.25, 0.75], [0.5, 0.5]]])
+    expected = 0.5 * math.log(2) + 0.5 * math.log(0.5 / 0.75) + math.log(2) + 1e-8 * math.log(1e-8 / 0.5)
+    assert sequence_kl(p, q).item() == pytest.approx(expected, rel=1e-12)
+    assert sequence_kl(q, q).item() == 0
+
+
+def test_nn_histogram_and_histogram_kl_by_hand():
+    hist = nn_histogram(torch.tensor([0.0, 0.0, 1.0, 16.0]), 16)
+    assert hist.shape == (20,) and hist[0] == 0.5 and hist[1] == 0.25 and hist[-1] == 0.25
+    p, q = torch.tensor([0.5, 0.5, 0.0]), torch.tensor([0.25, 0.25, 0.5])
+    assert histogram_kl(p, q) == pytest.approx(math.log(2) + 1e-8 * math.log(1e-8 / 0.5), rel=1e-9)
+
+
+def test_loss_terms_by_hand():
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))
+    tokens = torch.tensor([[1]])
+    b0 = torch.tensor([[[0.5, 0.5, 0.0]]])
+    terms = loss_terms(logits, tokens, b0)
+    assert terms["ce"].item() == pytest.approx(math.log(4))
+    assert terms["distill"].item() == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(4))
+    assert terms["excess"].item() == pytest.approx(math.log(4) - 1.5 * math.log(2))
+    assert terms["bayes"].item() == pytest.approx(math.log(2))
+
+
+def test_excess_loss_averages_to_zero_on_fresh_data():
+    # E[ℓ̃] = 0 on fresh data for any fixed network: ℓ̃ = −(x0 − E[x0|x_t])ᵀ log p has conditional mean 0.
+    model = small_model()
+    diffusion = OneHotDiffusion(model.q)
+    x0 = model.sample(20_000, generator=torch.Generator().manual_seed(4))
+    x_t = diffusion.noise(x0, 150, torch.Generator().manual_seed(5))
+    logits = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(6)) + 2 * x_t
+    excess = loss_terms(logits, x0, model.exact_denoiser(x_t, diffusion.alpha_bar[150].item()))["excess"]
+    se = excess.std().item() / math.sqrt(len(excess))
+    assert abs(excess.mean().item()) < 5 * se
+    # ...while against the wrong posterior (the uniform one) the same average is clearly not zero
+    wrong = loss_terms(logits, x0, torch.full_like(x_t, 1 / model.q))["excess"]
+    assert abs(wrong.mean().item()) > 10 * wrong.std().item() / math.sqrt(len(wrong))
+
+
+def test_overlap_and_argmin_by_hand():
+    a = torch.tensor([[0, 1, 2, 3], [1, 1, 1, 1]])
+    b = torch.tensor([[0, 1, 0, 0], [1, 1, 1, 1]])
+    assert overlap(a, b).tolist() == [0.5, 1.0]
+    assert argmin_epoch([10, 20, 40], [3.0, 1.0, 1.0]) == 20
+    assert argmin_epoch([10, 20], [math.nan, math.inf]) is None
+
+
+def test_phase_reads_minima_order_and_window():
+    from biasfast.hierarchy.experiments import _phase
+
+    epochs = [10, 20, 40, 80]
+    phase = _phase(epochs, {"bias": [3.0, 1.0, 2.0, 4.0], "test": [5.0, 4.0, 3.0, 3.5], "other": [2.0, 1.0, 0.5, 0.6]},
+                   "bias", "test")
+    assert phase["minima"] == {"bias": 20, "test": 40, "other": 40}
+    assert phase["order"] == [[20, ["bias"]], [40, ["test", "other"]]]
+    assert phase["biased_window"] == [20, 40] and not phase["test_still_falling"]
+    late = _phase(epochs, {"bias": [1.0, 2.0, 3.0, 4.0], "test": [4.0, 3.0, 2.0, 1.0]}, "test", "bias")
+    assert late["biased_window"] is None and not late["test_still_falling"]
+    assert _phase(epochs, {"bias": [1.0, 2.0, 3.0, 4.0], "test": [4.0, 3.0, 2.0, 1.0]}, "bias", "test")[
+        "test_still_falling"]
+
+
+# ---- the experiments through the CLI ----
+
+TINY_CLI = ["--n-train", "48", "--epochs", "4", "--checkpoints", "3", "--first-checkpoint", "1", "--width", "16",
+            "--layers", "1", "--n-eval", "24", "--reps", "2", "--sample-steps", "5", "--q", "4", "--depth", "3",
+            "--q-eff", "3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def shared_models(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("hierarchy-models"))
+
+
+@pytest.mark.parametrize("experiment,keys", [
+    ("sequential", ["test/KL(A||B)", "test/KL(BP_3||A)", "train/KL(BP_0||B)"]),
+    ("nn-divergence", ["nn_divergence", "train_loss", "test_loss", "copy_fraction", "nn_distance_gap"]),
+    ("loss-decomposition", ["fixed_t/train/excess", "random_t/test/distill", "fixed_t/test/bayes"]),
+    ("uturn", ["train/t=5", "test/t=60"]),
+])
+def test_experiment_cli_writes_json_and_png(experiment, keys, tmp_path, shared_models, capsys):
+    assert main(["hierarchy", experiment, "--out", str(tmp_path), "--models", shared_models] + TINY_CLI) == 0
+    result = json.loads((tmp_path / f"{experiment}.json").read_text())
+    assert result["experiment"] == experiment and result["epochs"] == [1, 2, 4]
+    assert all(key in result["curves"] for key in keys)
+    assert (tmp_path / f"{experiment}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "phase" in result and result["wall_time_s"] > 0
+    assert f"wrote {tmp_path / experiment}.json" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_experiment_cli_on_cuda_matches_the_cpu_reading(tmp_path, capsys):
+    assert main(["hierarchy", "loss-decomposition", "--out", str(tmp_path), "--device", "cuda"] + TINY_CLI) == 0
+    result = json.loads((tmp_path / "loss-decomposition.json").read_text())
+    assert result["epochs"] == [1, 2, 4] and all(math.isfinite(v) for v in result["curves"]["fixed_t/test/ce"]["mean"])
+
+
+# ---- bad input ----
+
+
+def test_bad_inputs_name_the_argument(capsys):
+    diffusion = OneHotDiffusion(6)
+    cases = [
+        (lambda: diffusion.noise(torch.full((2, 16), 6), 10), ValueError, r"tokens: tokens must lie in \[0, 6\)"),
+        (lambda: diffusion.noise(torch.full((2, 16), -1), 10), ValueError, r"tokens: tokens must lie in \[0, 6\)"),
+        (lambda: diffusion.noise(torch.zeros(2, 16), 10), TypeError, "tokens: expected an integer tensor"),
+        (lambda: diffusion.noise(torch.zeros(2, 16, dtype=torch.long), 0), ValueError, r"t: timesteps must be integers in \[1, 500\]"),
+        (lambda: diffusion.noise(torch.zeros(2, 16, dtype=torch.long), 501), ValueError, "t: timesteps must be"),
+        (lambda: diffusion.denoise(torch.zeros(2, 16, 5), 10, lambda x, t: x), ValueError,
+         r"x_t: expected a floating \(batch, length, 6\) tensor"),
+        (lambda: diffusion.denoise(torch.zeros(2, 16, 6), 10, lambda x, t: x, steps=0), ValueError,
+         "steps: expected a positive int"),
+        (lambda: diffusion.timestep(0.0), ValueError, r"fraction: expected t/T in \(0, 1\]"),
+        (lambda: OneHotDiffusion(1), ValueError, "q: expected an int"),
+        (lambda: PairConfig(n_train=0), ValueError, "n_train: expected a positive int"),
+        (lambda: PairConfig(lr=0.0), ValueError, "lr: expected a positive learning rate"),
+        (lambda: sequence_kl(torch.zeros(2, 3), torch.zeros(2, 4)), ValueError, "q: shape"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+    cli_cases = [(["--q-eff", "7"], "q_eff: must lie in [1, q]"), (["--depth", "0"], "depth: must be at least 1"),
+                 (["--sigma", "0"], "sigma: must be positive"), (["--n-eval", "0"], "--n-eval: expected a positive int"),
+                 (["--threads", "0"], "--threads: expected >= 1"), (["--device", "tpu9"], "--device: 'tpu9' is not a device")]
+    if not torch.cuda.is_available():
+        cli_cases.append((["--device", "cuda"], "CUDA is not available"))
+    for argv, message in cli_cases:
+        assert main(["hierarchy", "sequential", "--out", "/nonexistent-dir"] + argv) == 2
+        assert message in capsys.readouterr().err

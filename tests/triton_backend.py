@@ -1,0 +1,42 @@
+"""The Triton backend of an op, run where Triton can run: on CUDA tensors when a GPU is present (the compiled
+kernel), on CPU tensors under the interpreter otherwise (tests/conftest.py sets TRITON_INTERPRET=1 then).
+
+Tests build CPU tensors; `triton_kernel` moves them to the Triton device, runs the launcher of
+biasfast/kernels/<op>.py and brings every result back (arguments it wrote into, too), so one test body checks
+every backend on every machine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any, Callable
+
+import pytest
+import torch
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def _to(value: Any, device: str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+def triton_kernel(module: str, function: str) -> Callable:
+    """biasfast.kernels.<module>.<function>, called on the Triton device with results moved back to the CPU."""
+    launcher = getattr(importlib.import_module(f"biasfast.kernels.{module}"), function)
+
+    def run(*args: Any) -> Any:
+        moved = [_to(a, TRITON_DEVICE) for a in args]
+        result = launcher(*moved)
+        for original, copy in zip(args, moved):
+            if isinstance(original, torch.Tensor) and copy is not original:
+                original.copy_(copy)  # out-variants write into their arguments
+        return _to(result, "cpu")
+
+    return run

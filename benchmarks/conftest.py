@@ -17,7 +17,7 @@ QUICK = os.environ.get("BIASFAST_BENCH_QUICK", "0") == "1"
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    from biasfast import buildinfo
+    from biasfast._core import buildinfo
 
     c = buildinfo.collect()
     machine_info["biasfast"] = {k: c[k] for k in ("cpu", "cores", "torch", "triton", "gpu", "build", "torch_threads")}

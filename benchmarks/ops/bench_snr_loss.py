@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import biasfast
-from biasfast import reference
+from biasfast.ops import reference
 from benchmarks.conftest import shapes
 
 SHAPES = shapes(full=[(128, 3, 32, 32), (64, 3, 64, 64), (16, 4, 128, 128), (32, 4, 256, 256)], quick=[(3, 2, 5, 7)])
@@ -22,12 +22,12 @@ def _label(shape) -> str:
 
 
 def _compiled_reference(pred, target, timesteps, weights):
-    return reference.snr_weighted_loss(pred, target, timesteps, weights)
+    return reference.snr_loss(pred, target, timesteps, weights)
 
 
 LOSSES = {
     "biasfast": biasfast.snr_weighted_loss,
-    "reference": reference.snr_weighted_loss,
+    "reference": reference.snr_loss,
     "compiled": torch.compile(_compiled_reference),
 }
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import shapes
-from biasfast import reference
+from biasfast.ops import reference
 from biasfast.hierarchy import FilteredHierarchicalModel
 
 SHAPES = shapes(full=[(6, 4, 16384, 0), (6, 4, 16384, 2)], quick=[(6, 4, 33, 0)])  # (q, depth, batch, k)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import biasfast
-from biasfast import reference
+from biasfast.ops import reference
 from benchmarks.conftest import shapes
 
 SHAPES = shapes(full=[(256, 1024, 64), (256, 512, 784)], quick=[(17, 33, 9)])

@@ -4,8 +4,8 @@ or the --quick configuration in quick mode."""
 import pytest
 
 from benchmarks.conftest import QUICK
-from biasfast.experiment import QUICK as QUICK_CONFIG
-from biasfast.experiment import Experiment, RunConfig, prepare_output
+from biasfast.apps.run import QUICK as QUICK_CONFIG
+from biasfast.apps.run import Experiment, RunConfig, prepare_output
 
 
 @pytest.mark.benchmark(group="main job")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import biasfast
-from biasfast import reference
-from biasfast.sampling import step
+from biasfast.ops import reference
+from biasfast.diffusion.sampling import step
 from benchmarks.conftest import shapes
 
 SHAPES = shapes(full=[(128, 3, 32, 32), (64, 3, 64, 64), (32, 4, 256, 256)], quick=[(3, 2, 5, 7)])

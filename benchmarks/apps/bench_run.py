@@ -1,4 +1,4 @@
-"""Wall time of the main job (`biasfast run`): the default configuration (issue: ≤ 10 minutes on the 2-core CPU),
+"""Wall time of the main job (`biasfast run`): the default configuration (target: ≤ 10 minutes on the 2-core CPU),
 or the --quick configuration in quick mode."""
 
 import pytest

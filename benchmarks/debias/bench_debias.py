@@ -1,4 +1,4 @@
-"""Debiasing hot paths (issue 9): the GroupDRO step and the Bias Amplifier's scoring of the real training set.
+"""Debiasing hot paths: the GroupDRO step and the Bias Amplifier's scoring of the real training set.
 
 GroupDRO step = per-group mean loss + exponentiated-gradient weights + robust loss, forward + backward, on one
 minibatch of per-sample losses: biasfast's `group_means` (index_add) + `group_dro_step` vs the group_DRO

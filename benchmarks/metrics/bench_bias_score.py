@@ -1,4 +1,4 @@
-"""bias_score end to end vs faiss-cpu running the same exact searches (issue: bias_score, Performance).
+"""bias_score end to end vs faiss-cpu running the same exact searches (the performance target of bias_score).
 
 Full: n = 10,000 paired samples of 3×32×32 against two 50,000-image training sets, metric "pearson":
 per training set one k=1 search of all 2n samples and one k=2 Euclidean search of the n own samples (the

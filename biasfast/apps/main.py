@@ -40,10 +40,10 @@ from biasfast.apps.hierarchy import add_parser as add_hierarchy_parser
 
 
 def _info(args: argparse.Namespace) -> int:
-    import biasfast
     from biasfast._core import extension
+    from biasfast._core.buildinfo import info
 
-    biasfast.info()
+    print(info())
     return 0 if extension.available() else 1
 
 

@@ -1,5 +1,5 @@
 """The filtered hierarchical data model, its exact belief-propagation denoiser, Gaussian one-hot diffusion on it
-and the bias-mechanism experiments (issue 8)."""
+and the bias-mechanism experiments of the biased-generalization paper."""
 
 from biasfast.ops.tree_bp import tree_bp
 from biasfast.hierarchy.denoiser import SequenceDenoiser

@@ -1,5 +1,5 @@
 """Gaussian one-hot diffusion on the hierarchical model: noising, the DDPM posterior sampler, the transformer
-denoiser and its training, the bias estimators and the `biasfast hierarchy` experiments (issue 8)."""
+denoiser and its training, the bias estimators and the `biasfast hierarchy` experiments."""
 
 import json
 import math

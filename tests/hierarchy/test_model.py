@@ -1,4 +1,4 @@
-"""The filtered hierarchical model and its exact BP denoiser, against exhaustive enumeration (issue 8)."""
+"""The filtered hierarchical model and its exact BP denoiser, against exhaustive enumeration."""
 
 import math
 import os

@@ -33,8 +33,9 @@ _PUBLIC = {
     "weighting": "biasfast.diffusion.weighting",
 }
 
-# Module paths of the flat 0.1 layout that users import, kept as aliases of their new homes for one release
-# (0.2 removes them): `biasfast.sampling.step`, `from biasfast.models import build_model`, ...
+# Public namespaces (`biasfast.sampling.step`, `biasfast.nn.SNRWeightedLoss`, `biasfast.distributed.knn`) and, for
+# one release, the 0.1 module paths that user code imports (`from biasfast.models import build_model`; models,
+# training, schedules and reference go in 0.2): each is the very module of its home, under a second name.
 _ALIASES = {
     "biasfast.distributed": "biasfast.neighbors.distributed",
     "biasfast.models": "biasfast.diffusion.models",

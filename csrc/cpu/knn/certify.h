@@ -53,8 +53,9 @@ struct Neighbours {
 // Exact distances of the candidates, sorted, into `out`; returns the queries whose answer could not be certified.
 template <typename scalar_t, typename ref_t>
 std::vector<int64_t> rerank_and_certify(const Problem& problem, const PreparedQueries<scalar_t>& queries,
-                                        Candidates<scalar_t>& candidates, const ExactDistances<scalar_t, ref_t>& exact_to,
-                                        double max_ref_norm, Neighbours& out) {
+                                        Candidates<scalar_t>& candidates,
+                                        const ExactDistances<scalar_t, ref_t>& exact_to, double max_ref_norm,
+                                        Neighbours& out) {
   const int64_t nq = problem.nq, k = problem.k;
   std::vector<char> failed(nq, 0);
   at::parallel_for(0, nq, 8, [&](int64_t begin, int64_t end) {

@@ -45,10 +45,8 @@ inline int64_t depth_step(int64_t d) {
 // One 6 × 16 tile over one depth block: a = [kc][6] query panel, b = [kc][16] reference panel, c = [6][16] partial
 // sums. kFirst: no partial sums yet; kLast: finish the tile into the selection instead of storing it.
 template <bool kFirst, bool kLast>
-BIASFAST_AVX2 inline void packed_tile_6x16(const float* a, const float* b, int64_t kc,
-                                                                   float* c, const float* norms, int64_t rows,
-                                                                   int64_t base, const int64_t* self,
-                                                                   HeapView<float>* heaps) {
+BIASFAST_AVX2 inline void packed_tile_6x16(const float* a, const float* b, int64_t kc, float* c, const float* norms,
+                                           int64_t rows, int64_t base, const int64_t* self, HeapView<float>* heaps) {
   __m256 acc[kRows][2];
   tile_6x16([a](int64_t r, int64_t t) { return a + t * kRows + r; }, b, kc, acc);
   if constexpr (!kFirst) {
@@ -86,10 +84,9 @@ struct QueryBlock {
 // norms; r0, r1 multiples of kPanel, global index of tile row 0 = base) to every query of the block.
 // References are taken `block` (≤ kNc, a multiple of kPanel) at a time; cbuf holds kMc × block floats of partial
 // sums.
-BIASFAST_AVX2 inline void packed_scan_block(const QueryBlock& q, const float* panels,
-                                                                    const float* norms, int64_t padded, int64_t r0,
-                                                                    int64_t r1, int64_t d, int64_t base, int64_t block,
-                                                                    float* cbuf) {
+BIASFAST_AVX2 inline void packed_scan_block(const QueryBlock& q, const float* panels, const float* norms,
+                                            int64_t padded, int64_t r0, int64_t r1, int64_t d, int64_t base,
+                                            int64_t block, float* cbuf) {
   const int64_t qpanels = (q.count + kRows - 1) / kRows;
   for (int64_t j0 = r0; j0 < r1; j0 += block) {
     const int64_t j1 = std::min(r1, j0 + block);

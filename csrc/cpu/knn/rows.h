@@ -109,8 +109,8 @@ BIASFAST_AVX2_NO_FMA inline double row_sum_of_squares(const float* row, double s
 
 // out[t] = float(((row[t] − shift) − center[t]) · scale) (in float64, rounded once), the packed row of pack.h;
 // returns Σ out[t]² in float64, summed as sum_of_squares does (partial sum t mod 4, then (s0 + s1) + (s2 + s3)).
-BIASFAST_AVX2_NO_FMA inline double transform_row(const float* row, double shift, const double* center,
-                                                            double scale, int64_t d, float* out) {
+BIASFAST_AVX2_NO_FMA inline double transform_row(const float* row, double shift, const double* center, double scale,
+                                                 int64_t d, float* out) {
   const __m256d vshift = _mm256_set1_pd(shift), vscale = _mm256_set1_pd(scale);
   __m256d acc = _mm256_setzero_pd();
   int64_t t = 0;
@@ -157,8 +157,7 @@ BIASFAST_AVX2_NO_FMA inline double sq_distance(const double* x, const float* y, 
 }
 
 // (x[0..4) − (y[0..4) − shift) / norm)², lane by lane.
-BIASFAST_AVX2_NO_FMA inline __m256d affine_term(const double* x, const float* y, __m256d shift,
-                                                           __m256d norm) {
+BIASFAST_AVX2_NO_FMA inline __m256d affine_term(const double* x, const float* y, __m256d shift, __m256d norm) {
   const __m256d u = _mm256_div_pd(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(y)), shift), norm);
   const __m256d v = _mm256_sub_pd(_mm256_loadu_pd(x), u);
   return _mm256_mul_pd(v, v);
@@ -166,8 +165,8 @@ BIASFAST_AVX2_NO_FMA inline __m256d affine_term(const double* x, const float* y,
 
 // Σ (x[t] − (y[t] − shift) / norm)² in float64 (summed as sq_distance): a transformed float64 query row x
 // against a float32 reference row y under its cosine / pearson transform.
-BIASFAST_AVX2_NO_FMA inline double sq_distance_affine(const double* x, const float* y, double shift,
-                                                                 double norm, int64_t d) {
+BIASFAST_AVX2_NO_FMA inline double sq_distance_affine(const double* x, const float* y, double shift, double norm,
+                                                      int64_t d) {
   const __m256d vshift = _mm256_set1_pd(shift), vnorm = _mm256_set1_pd(norm);
   __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
   int64_t t = 0;

@@ -5,7 +5,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
-#include "cpu/knn/common.h"
+#include "cpu/knn/heap.h"
 #include "common/knn_hamming_checks.h"
 
 namespace biasfast {

@@ -25,6 +25,7 @@
 #endif
 
 #include "common/checks.h"
+#include "common/isa.h"
 #include "common/sampler_step_coefficients.h"
 
 namespace biasfast {
@@ -101,9 +102,9 @@ void step_range_reduced(const T* x, const T* cond, const T* uncond, const T* noi
 // float32 on AVX2+FMA CPUs: the portable build's at::vec is SSE-width, so this loop is compiled for AVX2
 // (auto-vectorised; flags are template parameters so the loop body has no branches) and chosen at run time.
 template <bool kGuided, bool kClip, bool kNoisy, bool kX0>
-__attribute__((target("avx2,fma"))) void step_range_avx2(const float* x, const float* cond, const float* uncond,
-                                                         const float* noise, float* out, float* x0_out, int64_t begin,
-                                                         int64_t end, StepCoefficients<float> k, float s, float clip) {
+BIASFAST_AVX2 void step_range_avx2(const float* x, const float* cond, const float* uncond, const float* noise,
+                                   float* out, float* x0_out, int64_t begin, int64_t end, StepCoefficients<float> k,
+                                   float s, float clip) {
   // Outputs may alias x_t exactly (in place), never partially: no loop-carried dependence either way.
 #pragma GCC ivdep
   for (int64_t i = begin; i < end; ++i) {
@@ -130,11 +131,6 @@ Avx2Range select_avx2(const StepFlags& f) {
       avx2_entry<true, true, false, false>(),   avx2_entry<true, true, false, true>(),
       avx2_entry<true, true, true, false>(),    avx2_entry<true, true, true, true>()};
   return table[f.guided * 8 + f.clip * 4 + f.noisy * 2 + f.write_x0];
-}
-
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
 }
 
 template <typename scalar_t>

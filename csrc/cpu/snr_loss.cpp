@@ -18,12 +18,12 @@
 #include <string_view>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define BIASFAST_X86 1
-#endif
-
 #include "common/checks.h"
+#include "common/isa.h"
+
+#ifdef BIASFAST_HAVE_AVX2_BUILD
+#include <immintrin.h>
+#endif
 
 namespace biasfast {
 namespace {
@@ -77,8 +77,7 @@ double chunk_double(const double* p, const double* q, double* g, int64_t n, doub
 
 // ---------------------------------------------------------------------------------------------------
 // AVX2 + FMA (+ F16C) chunk kernel, selected at run time; the build itself stays portable.
-#ifdef BIASFAST_X86
-#define BIASFAST_AVX2 __attribute__((target("avx2,fma,f16c")))
+#ifdef BIASFAST_HAVE_AVX2_BUILD
 
 BIASFAST_AVX2 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
 BIASFAST_AVX2 inline __m256 load8(const c10::Half* x) {
@@ -151,18 +150,13 @@ BIASFAST_AVX2 float body_avx2(const scalar_t* p, const scalar_t* q, scalar_t* g,
   return _mm_cvtss_f32(s);
 }
 
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
-}
-#endif  // BIASFAST_X86
+#endif  // BIASFAST_HAVE_AVX2_BUILD
 
 // One chunk: a scalar head up to the next multiple of kUnit (global element index, so the gradient
 // address is vector-aligned), the vector body, a scalar tail. The split depends only on the shape.
 template <typename scalar_t>
 float chunk_sum(const scalar_t* p, const scalar_t* q, scalar_t* g, int64_t start, int64_t n, float coef, bool stream) {
-#ifdef BIASFAST_X86
+#ifdef BIASFAST_HAVE_AVX2_BUILD
   if (cpu_has_avx2()) {
     const int64_t head = std::min(n, (kUnit - start % kUnit) % kUnit);
     const int64_t body = (n - head) / kUnit * kUnit;
@@ -180,7 +174,7 @@ float chunk_sum(const scalar_t* p, const scalar_t* q, scalar_t* g, int64_t start
 }
 
 void store_fence() {
-#ifdef BIASFAST_X86
+#ifdef BIASFAST_HAVE_AVX2_BUILD
   _mm_sfence();  // non-temporal stores are weakly ordered: publish them before the threads join
 #endif
 }

@@ -8,58 +8,36 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/isa.h"
 #include "cpu/tree_bp_plan.h"
 
 // The lane types are 32-byte vectors also in the portable build; they never cross an ABI boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
+#include "cpu/tree_bp_lanes.h"
 
 namespace biasfast::tree_bp_detail {
-
-#define BP_NS generic_float
-#define BP_T float
-#define BP_LANES 8
-#include "cpu/tree_bp_lanes.h"
-#undef BP_NS
-#undef BP_T
-#undef BP_LANES
-
-#define BP_NS generic_double
-#define BP_T double
-#define BP_LANES 4
-#include "cpu/tree_bp_lanes.h"
-#undef BP_NS
-#undef BP_T
-#undef BP_LANES
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define BP_HAVE_AVX2_BUILD 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define BP_NS avx2_float
-#define BP_T float
-#define BP_LANES 8
-#include "cpu/tree_bp_lanes.h"
-#undef BP_NS
-#undef BP_T
-#undef BP_LANES
-#define BP_NS avx2_double
-#define BP_T double
-#define BP_LANES 4
-#include "cpu/tree_bp_lanes.h"
-#undef BP_NS
-#undef BP_T
-#undef BP_LANES
-#pragma GCC pop_options
-#endif
-
 namespace {
 
+// One entry per instruction set; each gets its own copy of the force-inlined lane code (tree_bp_lanes.h).
+template <typename T>
+void run_range_portable(const Plan<T>& plan, const T* evidence, const T* scale, T* out, T* log_z, int64_t batch,
+                        int64_t begin, int64_t end) {
+  Lanes<T>::run_range(plan, evidence, scale, out, log_z, batch, begin, end);
+}
+
+#ifdef BIASFAST_HAVE_AVX2_BUILD
+template <typename T>
+BIASFAST_AVX2 void run_range_avx2(const Plan<T>& plan, const T* evidence, const T* scale, T* out, T* log_z,
+                                  int64_t batch, int64_t begin, int64_t end) {
+  Lanes<T>::run_range(plan, evidence, scale, out, log_z, batch, begin, end);
+}
+#endif
+
 // BIASFAST_TREE_BP_PORTABLE=1 forces the portable path (read once; the tests use it to cover that path).
-bool cpu_has_avx2_fma() {
-#ifdef BP_HAVE_AVX2_BUILD
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          std::getenv("BIASFAST_TREE_BP_PORTABLE") == nullptr;
-  return has;
+bool use_avx2() {
+#ifdef BIASFAST_HAVE_AVX2_BUILD
+  static const bool use = cpu_has_avx2() && std::getenv("BIASFAST_TREE_BP_PORTABLE") == nullptr;
+  return use;
 #else
   return false;
 #endif
@@ -67,22 +45,15 @@ bool cpu_has_avx2_fma() {
 
 template <typename T>
 void run(const Plan<T>& plan, const T* evidence, const T* scale, T* out, T* log_z, int64_t batch) {
-  constexpr int64_t lanes = sizeof(T) == 4 ? 8 : 4;
+  constexpr int64_t lanes = Lanes<T>::W;
   const int64_t groups = (batch + lanes - 1) / lanes;
-  const bool avx2 = cpu_has_avx2_fma();
+  const bool avx2 = use_avx2();
   at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
     const int64_t begin = g0 * lanes, end = std::min(batch, g1 * lanes);
-    if constexpr (sizeof(T) == 4) {
-#ifdef BP_HAVE_AVX2_BUILD
-      if (avx2) return avx2_float::run_range(plan, evidence, scale, out, log_z, batch, begin, end);
+#ifdef BIASFAST_HAVE_AVX2_BUILD
+    if (avx2) return run_range_avx2(plan, evidence, scale, out, log_z, batch, begin, end);
 #endif
-      generic_float::run_range(plan, evidence, scale, out, log_z, batch, begin, end);
-    } else {
-#ifdef BP_HAVE_AVX2_BUILD
-      if (avx2) return avx2_double::run_range(plan, evidence, scale, out, log_z, batch, begin, end);
-#endif
-      generic_double::run_range(plan, evidence, scale, out, log_z, batch, begin, end);
-    }
+    run_range_portable(plan, evidence, scale, out, log_z, batch, begin, end);
   });
   (void)avx2;
 }

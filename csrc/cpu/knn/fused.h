@@ -9,18 +9,14 @@
 #include <cstdint>
 #include <limits>
 
-#include "cpu/knn/common.h"
+#include "common/isa.h"
+#include "cpu/knn/heap.h"
 
 namespace biasfast {
 
 constexpr int64_t kFusedMaxDim = 256;
 constexpr int64_t kPanel = 16;  // references per packed panel: [t][16] floats
 constexpr int64_t kRows = 6;    // queries per register tile
-
-inline bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
 
 // Repack rows [r0, r1) of a row-major n × d matrix into W-row panels, blocked by depth: features
 // [pc, pc + kc) (pc a multiple of step, kc = min(step, d − pc)) of row i go to
@@ -55,9 +51,8 @@ inline void start_thresholds(const HeapView<float>* heaps, int64_t rows, float (
 // thr[r] (kept up to date; thr[r] = −inf for rows r ≥ `rows`, so they never hit) and push the values that beat
 // them; references base .. base + 15, in index order. The common case (no hit) stays in registers: the values
 // overwrite acc and only a tile with a hit is written to memory.
-__attribute__((target("avx2,fma"))) inline void select_tile_6x16(__m256 (&acc)[kRows][2], const float* norms,
-                                                                   int64_t rows, int64_t base, const int64_t* self,
-                                                                   HeapView<float>* heaps, float* thr) {
+BIASFAST_AVX2 inline void select_tile_6x16(__m256 (&acc)[kRows][2], const float* norms, int64_t rows, int64_t base,
+                                           const int64_t* self, HeapView<float>* heaps, float* thr) {
   const __m256 minus2 = _mm256_set1_ps(-2.0f);
   __m256 any = _mm256_setzero_ps();
 #pragma GCC unroll 6
@@ -91,11 +86,10 @@ __attribute__((target("avx2,fma"))) inline void select_tile_6x16(__m256 (&acc)[k
   }
 }
 
-// The 6 × 16 register tile of both kNN kernels (this one and knn_packed.h): acc[r] = Σ_{t < kc} x(r, t) · b[t][0..16),
+// The 6 × 16 register tile of both kNN kernels (this one and packed.h): acc[r] = Σ_{t < kc} x(r, t) · b[t][0..16),
 // b a [kc][16] reference panel and x(r, t) a pointer to query r's feature t.
 template <typename QueryAt>
-__attribute__((target("avx2,fma"))) inline void tile_6x16(QueryAt x, const float* b, int64_t kc,
-                                                            __m256 (&acc)[kRows][2]) {
+BIASFAST_AVX2 inline void tile_6x16(QueryAt x, const float* b, int64_t kc, __m256 (&acc)[kRows][2]) {
 #pragma GCC unroll 6
   for (int64_t r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
 #pragma GCC unroll 4
@@ -111,10 +105,9 @@ __attribute__((target("avx2,fma"))) inline void tile_6x16(QueryAt x, const float
 }
 
 // For queries q[0..rows) (row-major, stride d) and every panel: push ‖y‖² − 2·x·y into the queries' heaps.
-__attribute__((target("avx2,fma"))) inline void fused_scan_6x16(const float* const* q, int64_t rows,
-                                                                  const float* panels, const float* norms,
-                                                                  int64_t panels_count, int64_t d, int64_t base,
-                                                                  const int64_t* self, HeapView<float>* heaps) {
+BIASFAST_AVX2 inline void fused_scan_6x16(const float* const* q, int64_t rows, const float* panels, const float* norms,
+                                          int64_t panels_count, int64_t d, int64_t base, const int64_t* self,
+                                          HeapView<float>* heaps) {
   float thr[kRows];
   start_thresholds(heaps, rows, thr);
   for (int64_t p = 0; p < panels_count; ++p) {

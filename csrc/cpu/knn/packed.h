@@ -1,6 +1,6 @@
 // Cache-blocked inner products + running top-k for large feature sizes (d > kFusedMaxDim), float32, AVX2/FMA.
 //
-// Why: at d ≥ 512 the fused kernel of knn_fused.h reads each query's whole row and each 16-reference panel's whole
+// Why: at d ≥ 512 the fused kernel of fused.h reads each query's whole row and each 16-reference panel's whole
 // d-long block per register tile, so it runs from L2/L3 and stalls; calling the BLAS per tile (at::mm, MKL) is slow
 // on this AMD CPU and needs an nq_tile × nr_tile product in memory plus a second pass for the selection.
 //
@@ -15,7 +15,7 @@
 // - partial sums of a 6 × 16 tile live in a per-thread kMc × kNc buffer between depth blocks; the LAST depth
 //   block adds them to its registers and feeds ‖y‖² − 2·x·y straight into the running top-k selection
 //   (select_tile_6x16, thresholds in registers): no nq × nr (or tile × tile) matrix is ever written.
-// Parallelism (ExactSearch::scan_in_lanes in knn.cpp): normally one lane per thread, each owning a contiguous
+// Parallelism (lanes.h): normally one lane per thread, each owning a contiguous
 // reference range, its own tiles and heaps, merged at the end (merge_heaps): one parallel region per search, no
 // barrier per tile. With few references and many queries: one lane, each tile scanned in parallel over query
 // blocks.
@@ -25,7 +25,8 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "cpu/knn/common.h"
+#include "common/isa.h"
+#include "cpu/knn/heap.h"
 #include "cpu/knn/fused.h"
 
 namespace biasfast {
@@ -44,10 +45,8 @@ inline int64_t depth_step(int64_t d) {
 // One 6 × 16 tile over one depth block: a = [kc][6] query panel, b = [kc][16] reference panel, c = [6][16] partial
 // sums. kFirst: no partial sums yet; kLast: finish the tile into the selection instead of storing it.
 template <bool kFirst, bool kLast>
-__attribute__((target("avx2,fma"))) inline void packed_tile_6x16(const float* a, const float* b, int64_t kc,
-                                                                   float* c, const float* norms, int64_t rows,
-                                                                   int64_t base, const int64_t* self,
-                                                                   HeapView<float>* heaps) {
+BIASFAST_AVX2 inline void packed_tile_6x16(const float* a, const float* b, int64_t kc, float* c, const float* norms,
+                                           int64_t rows, int64_t base, const int64_t* self, HeapView<float>* heaps) {
   __m256 acc[kRows][2];
   tile_6x16([a](int64_t r, int64_t t) { return a + t * kRows + r; }, b, kc, acc);
   if constexpr (!kFirst) {
@@ -85,10 +84,9 @@ struct QueryBlock {
 // norms; r0, r1 multiples of kPanel, global index of tile row 0 = base) to every query of the block.
 // References are taken `block` (≤ kNc, a multiple of kPanel) at a time; cbuf holds kMc × block floats of partial
 // sums.
-__attribute__((target("avx2,fma"))) inline void packed_scan_block(const QueryBlock& q, const float* panels,
-                                                                    const float* norms, int64_t padded, int64_t r0,
-                                                                    int64_t r1, int64_t d, int64_t base, int64_t block,
-                                                                    float* cbuf) {
+BIASFAST_AVX2 inline void packed_scan_block(const QueryBlock& q, const float* panels, const float* norms,
+                                            int64_t padded, int64_t r0, int64_t r1, int64_t d, int64_t base,
+                                            int64_t block, float* cbuf) {
   const int64_t qpanels = (q.count + kRows - 1) / kRows;
   for (int64_t j0 = r0; j0 < r1; j0 += block) {
     const int64_t j1 = std::min(r1, j0 + block);
@@ -125,15 +123,6 @@ __attribute__((target("avx2,fma"))) inline void packed_scan_block(const QueryBlo
         }
       }
     }
-  }
-}
-
-// Push every entry of the `from` heaps (n queries, same capacity) into the `into` heaps.
-inline void merge_heaps(Entry<float>* into, int64_t* into_sizes, const Entry<float>* from, const int64_t* from_sizes,
-                        int64_t n, int64_t capacity) {
-  for (int64_t i = 0; i < n; ++i) {
-    HeapView<float> heap{into + i * capacity, capacity, into_sizes + i};
-    for (int64_t c = 0; c < from_sizes[i]; ++c) heap.push(from[i * capacity + c]);
   }
 }
 

@@ -1,26 +1,13 @@
-// Pieces of the CPU kNN search shared by its kernels: metric names, running top-k heaps, tile planning.
+// Running top-k selection of the CPU kNN: fixed-capacity max-heaps over caller-owned storage, the feed of one row of
+// approximate values into a heap, and the per-query heaps of a search.
 #pragma once
-#include <ATen/ATen.h>
-
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
-#include <string>
-
-#include "common/checks.h"
+#include <vector>
 
 namespace biasfast {
-
-enum class Metric { SqEuclidean, L2, Cosine, Pearson };
-
-inline Metric parse_metric(const std::string& name) {
-  if (name == "sqeuclidean") return Metric::SqEuclidean;
-  if (name == "l2") return Metric::L2;
-  if (name == "cosine") return Metric::Cosine;
-  if (name == "pearson") return Metric::Pearson;
-  BIASFAST_CHECK_ARG(false, "metric", "unknown metric '", name, "' (expected l2, sqeuclidean, cosine or pearson)");
-  return Metric::L2;
-}
 
 template <typename value_t>
 struct Entry {
@@ -85,21 +72,38 @@ inline void select_row(HeapView<value_t>& heap, const value_t* ip, const value_t
   }
 }
 
-struct TilePlan {
-  int64_t query_tile, ref_tile, workspace_elements;
-};
-
-// Largest tiles (queries × references) whose packed references, norms and inner-product block fit the budget.
-inline TilePlan plan_tiles(int64_t nq, int64_t nr, int64_t d, int64_t elem_size, int64_t budget_bytes) {
-  const int64_t budget = std::max<int64_t>(budget_bytes / elem_size, 1);
-  int64_t qt = std::min<int64_t>(nq, 1024), rt = std::min<int64_t>(nr, 4096);
-  auto need = [&](int64_t q, int64_t r) { return r * d + r + q * r; };
-  while (need(qt, rt) > budget && (qt > 16 || rt > 16)) {
-    if (rt >= qt && rt > 16) rt = (rt + 1) / 2; else qt = (qt + 1) / 2;
+// Push every entry of the `from` heaps (n queries, same capacity) into the `into` heaps.
+inline void merge_heaps(Entry<float>* into, int64_t* into_sizes, const Entry<float>* from, const int64_t* from_sizes,
+                        int64_t n, int64_t capacity) {
+  for (int64_t i = 0; i < n; ++i) {
+    HeapView<float> heap{into + i * capacity, capacity, into_sizes + i};
+    for (int64_t c = 0; c < from_sizes[i]; ++c) heap.push(from[i * capacity + c]);
   }
-  TORCH_CHECK_VALUE(need(qt, rt) <= budget || (qt <= 16 && rt <= 16), "biasfast: argument 'workspace_mb': ",
-                    "too small for feature size ", d);
-  return {qt, rt, need(qt, rt)};
 }
+
+// Every query's heap of one search, `capacity` entries each. A query's limit is a bound that a recheck knows no
+// wanted value reaches (given in float64; +inf, or none given, in a first pass), rounded up to the heap's
+// precision: a limit that rounded down could wrongly skip a reference.
+template <typename value_t>
+struct Candidates {
+  int64_t capacity;
+  std::vector<Entry<value_t>> entries;
+  std::vector<int64_t> sizes;
+  std::vector<value_t> limits;
+
+  Candidates(int64_t queries, int64_t capacity, const std::vector<double>& limits_in)
+      : capacity(capacity), entries(queries * capacity), sizes(queries, 0), limits(queries) {
+    for (int64_t i = 0; i < queries; ++i) {
+      limits[i] = std::numeric_limits<value_t>::infinity();
+      if (limits_in.empty()) continue;
+      limits[i] = static_cast<value_t>(limits_in[i]);
+      if (static_cast<double>(limits[i]) < limits_in[i])
+        limits[i] = std::nextafter(limits[i], std::numeric_limits<value_t>::infinity());
+    }
+  }
+
+  Entry<value_t>* heap_entries(int64_t i) { return entries.data() + i * capacity; }
+  HeapView<value_t> heap(int64_t i) { return {heap_entries(i), capacity, &sizes[i], limits[i]}; }
+};
 
 }  // namespace biasfast

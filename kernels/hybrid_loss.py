@@ -93,7 +93,7 @@ def _approx_cdf(y):
 @triton.jit
 def _decoder_kernel(out_ptr, x_start_ptr, noise_ptr, grad_ptr, mse_ptr, nll_ptr, timesteps_ptr, table_ptr,
                     weights_ptr, n, num_timesteps, chunk, chunks_per_sample, grad_scale, v_scale,
-                    EPSILON: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+                    EPSILON: tl.constexpr, HAS_GRAD: tl.constexpr, VIA_FLOAT32: tl.constexpr, BLOCK: tl.constexpr):
     sample = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1).to(tl.int64)
     t = tl.load(timesteps_ptr + sample).to(tl.int64)
@@ -145,9 +145,14 @@ def _decoder_kernel(out_ptr, x_start_ptr, noise_ptr, grad_ptr, mse_ptr, nll_ptr,
         mse_acc += tl.where(mask, err * err, 0.0)
         nll_acc += tl.where(mask, -log_prob, 0.0)
         if HAS_GRAD:
+            grad_p = mse_grad * err
+            grad_v = -v_grad * dlog
+            if VIA_FLOAT32:  # float64 → bfloat16 in one cast is wrong under the Triton interpreter (integer cast)
+                grad_p = grad_p.to(tl.float32)
+                grad_v = grad_v.to(tl.float32)
             element_ty = grad_ptr.dtype.element_ty
-            tl.store(grad_ptr + sample * 2 * n + index, (mse_grad * err).to(element_ty), mask=mask)
-            tl.store(grad_ptr + sample * 2 * n + n + index, (-v_grad * dlog).to(element_ty), mask=mask)
+            tl.store(grad_ptr + sample * 2 * n + index, grad_p.to(element_ty), mask=mask)
+            tl.store(grad_ptr + sample * 2 * n + n + index, grad_v.to(element_ty), mask=mask)
     tl.store(mse_ptr + sample * chunks_per_sample + part, tl.sum(mse_acc, axis=0))
     tl.store(nll_ptr + sample * chunks_per_sample + part, tl.sum(nll_acc, axis=0))
 
@@ -191,7 +196,7 @@ def hybrid_loss(
                      SERIES_BELOW=0.05 if acc_dtype == torch.float64 else 0.5, **common)
     _decoder_kernel[grid](out, x0, eps, grad if compute_grad else out, decoder_mse, decoder_nll, timesteps, table,
                           weights, n, num_timesteps, chunk, chunks_per_sample, 2.0 * scale / n,
-                          scale * vb_scale / 4.0, **common)
+                          scale * vb_scale / 4.0, VIA_FLOAT32=out.dtype != torch.float64, **common)
     mse = (kl_mse.sum(dim=1).double() + decoder_mse.sum(dim=1)) / n
     vb = (0.5 * kl_sum.sum(dim=1).double() + decoder_nll.sum(dim=1)) * vb_scale
     per_sample = weights.to(torch.float64)[timesteps.clamp(0, num_timesteps - 1)] * mse + vb

@@ -185,12 +185,14 @@ void kl_chunk(const scalar_t* p, const scalar_t* v, const scalar_t* q, scalar_t*
   kl_portable(p, v, q, gp, gv, n, c, mse, kl);
 }
 
-// guided-diffusion's approx_standard_normal_cdf 0.5·(1 + tanh(√(2/π)·(y + 0.044715·y³))) and its derivative.
+// guided-diffusion's approx_standard_normal_cdf 0.5·(1 + tanh(u)), u = √(2/π)·(y + 0.044715·y³), and its
+// derivative, through one exp: 0.5·(1 + tanh u) = 1/(1 + e^{−2u}) and 1 − tanh² u = 4·cdf²·e^{−2u} (half the
+// cost of two tanh; the exponent is capped so that the far left tail gives cdf = density = 0, never NaN).
 inline void approx_cdf(double y, double& cdf, double& density) {
   constexpr double k = 0.79788456080286535588, a = 0.044715;
-  const double th = std::tanh(k * (y + a * y * y * y));
-  cdf = 0.5 * (1.0 + th);
-  density = 0.5 * (1.0 - th * th) * k * (1.0 + 3.0 * a * y * y);
+  const double z = std::exp(std::min(-2.0 * k * (y + a * y * y * y), 700.0));
+  cdf = 1.0 / (1.0 + z);
+  density = 2.0 * cdf * cdf * z * k * (1.0 + 3.0 * a * y * y);
 }
 
 // Per-sample constants of the decoder branch (t = 0), in double.

@@ -12,7 +12,7 @@ import torch
 import biasfast
 from biasfast.ops import reference
 from biasfast.ops.hybrid_loss import hybrid_loss_table
-from tests.triton_backend import needs_triton, triton_kernel
+from tests.triton_backend import TRITON_DEVICE, needs_triton, triton_kernel
 from tests.tolerances import assert_close_to_reference
 
 T = 1000
@@ -208,7 +208,7 @@ def test_table_columns_follow_guided_diffusion():
 # ---- the kernels against the float64 reference ------------------------------------------------------------
 
 SHAPES = [(6, 1, 1, 1), (6, 3, 5, 7), (7, 2, 17, 19), (6, 1, 129, 129)]  # 16641 > one 16384-element chunk
-TRITON_SHAPES = [(6, 1, 1, 1), (6, 3, 5, 7), (6, 1, 130, 131)]  # 17030 > one 16 x 1024 chunk
+TRITON_SHAPES = [(6, 1, 1, 1), (6, 3, 5, 7), (2, 1, 130, 131)]  # 17030 > one 16 x 1024 chunk (t = 0 and 1)
 CASES = [("cpp", s) for s in SHAPES] + [pytest.param("triton", s, marks=needs_triton) for s in TRITON_SHAPES]
 # Inputs are rounded to the dtype first, so the oracle sees what the kernel sees: only the arithmetic differs.
 # float64 agrees to ~1e-8 only: in the far tails of the decoder bins the oracle's own 0.5·(1 + tanh u) keeps
@@ -240,9 +240,14 @@ def test_matches_float64_reference_at_every_timestep_edge(implementation, shape,
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_every_timestep_float32(implementation, prediction):
-    """All T timesteps once each (one pixel row per sample), relative error ≤ 1e-5 per sample."""
-    shape = (T, 2, 3, 4) if implementation == "cpp" else (T, 1, 2, 3)
-    model_output, x_start, noise, timesteps = _inputs(shape, torch.float32, torch.arange(T))
+    """All T timesteps once each, relative error ≤ 1e-5 per sample. The Triton interpreter (no GPU) takes ~0.1 s
+    per program, so there it checks every 9th timestep and the edges; a GPU runs all T."""
+    if implementation == "cpp" or TRITON_DEVICE == "cuda":
+        timesteps = torch.arange(T)
+    else:
+        timesteps = torch.cat([torch.arange(0, T, 9), torch.tensor(EDGE_TIMESTEPS)])
+    shape = (len(timesteps), 2, 3, 4) if implementation == "cpp" else (len(timesteps), 1, 2, 3)
+    model_output, x_start, noise, timesteps = _inputs(shape, torch.float32, timesteps)
     expected_loss, _, expected_vb, expected_grad = _oracle(model_output, x_start, noise, timesteps, DEBIAS, prediction)
     loss, _, vb, grad = fused(implementation, model_output, x_start, noise, timesteps, TABLE, DEBIAS, prediction,
                               "none", True)
@@ -319,7 +324,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_deterministic_bitwise(implementation, dtype):
-    shape = (5, 2, 150, 151) if implementation == "cpp" else (3, 1, 130, 131)
+    shape = (5, 2, 150, 151) if implementation == "cpp" else (3, 1, 40, 41)
     model_output, x_start, noise, timesteps = _inputs(shape, dtype, [0, 3, 999, 0, 4][: shape[0]])
     args = (model_output, x_start, noise, timesteps, TABLE, DEBIAS, "epsilon", "mean", True)
     first = [t.clone() for t in fused(implementation, *args)]

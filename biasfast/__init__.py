@@ -22,6 +22,7 @@ _PUBLIC = {
     "BiasReport": "biasfast.metrics.bias",
     "bias_score": "biasfast.metrics.bias",
     "FilteredHierarchicalModel": "biasfast.hierarchy.model",
+    "hybrid_loss": "biasfast.ops.hybrid_loss",
     "NoiseSchedule": "biasfast.diffusion.schedules",
     "knn": "biasfast.neighbors.knn",
     "pairwise_distances": "biasfast.neighbors.distances",
@@ -96,5 +97,5 @@ def info() -> str:
     return text
 
 
-__all__ = ["BiasReport", "FilteredHierarchicalModel", "NoiseSchedule", "bias_score", "distributed", "info", "knn",
-           "pairwise_distances", "row_hash", "sample", "sample_coupled", "snr_weighted_loss", "sqdist", "weighting"]
+__all__ = ["BiasReport", "FilteredHierarchicalModel", "NoiseSchedule", "bias_score", "distributed", "hybrid_loss",
+           "info", "knn", "pairwise_distances", "row_hash", "sample", "sample_coupled", "snr_weighted_loss", "sqdist", "weighting"]

@@ -61,6 +61,15 @@ TORCH_LIBRARY(biasfast, m) {
   m.def("snr_loss(Tensor pred, Tensor target, Tensor timesteps, Tensor weights, str reduction, bool compute_grad) "
         "-> (Tensor loss, Tensor mse, Tensor grad)");
 
+  // ---- learned-variance hybrid loss (Improved DDPM / guided-diffusion RESCALED_MSE, fused forward and backward) ----
+  // model_output (B, 2C, ...) = [prediction | v]; per sample weights[t]·mean (target − prediction)² + vb, vb the
+  // L_vlb term in bits per dim × T/1000 on the stop-gradient mean (KL for t > 0, decoder NLL at t = 0);
+  // table (T, 8) float64 per-timestep coefficients (biasfast.ops.hybrid_loss.hybrid_loss_table). Returns the
+  // reduced loss, the per-sample unweighted mse and vb (B,), and, when compute_grad, d loss / d model_output.
+  m.def("hybrid_loss(Tensor model_output, Tensor x_start, Tensor noise, Tensor timesteps, Tensor table, "
+        "Tensor weights, str prediction, str reduction, bool compute_grad) "
+        "-> (Tensor loss, Tensor mse, Tensor vb, Tensor grad)");
+
   // ---- sampling: the fused DDPM/DDIM/CFG step ----
   // One fused step x_t -> (x_{t'}, x̂0) with per-sample t, t_prev (-1 = final step) gathered from alphas_cumprod;
   // uncond_output with guidance_scale fuses CFG; x̂0 is empty unless return_x0.

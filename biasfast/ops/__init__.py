@@ -5,9 +5,9 @@ Importing this package registers everything; a build whose extension did not loa
 then raises an error naming the fix."""
 
 from biasfast._core import extension
-from biasfast.ops import knn, knn_hamming, row_hash, sampler_step, snr_loss, sqdist, tree_bp
+from biasfast.ops import hybrid_loss, knn, knn_hamming, row_hash, sampler_step, snr_loss, sqdist, tree_bp
 
-OP_MODULES = (knn, knn_hamming, row_hash, sampler_step, snr_loss, sqdist, tree_bp)
+OP_MODULES = (hybrid_loss, knn, knn_hamming, row_hash, sampler_step, snr_loss, sqdist, tree_bp)
 
 if extension.available():
     for _module in OP_MODULES:

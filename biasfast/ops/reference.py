@@ -6,6 +6,8 @@ used as a silent fallback by the public API.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -32,6 +34,95 @@ def snr_loss(
     if reduction == "none":
         return weighted
     return weighted.sum() if reduction == "sum" else weighted.mean()
+# ---- learned-variance hybrid loss ----
+# A step-by-step transcription of guided-diffusion (openai/guided-diffusion, guided_diffusion/losses.py and
+# gaussian_diffusion.py: GaussianDiffusion.__init__'s tables, q_posterior_mean_variance, p_mean_variance with
+# LEARNED_RANGE and clip_denoised=False, _vb_terms_bpd, training_losses with LossType.RESCALED_MSE), as the
+# released Debias code trains (its weighted mse). In float64 it is the tests' oracle; in float32 it is what
+# guided-diffusion computes (its _extract_into_tensor gathers the float64 tables as float32).
+
+
+def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) elementwise, in nats (guided-diffusion losses.normal_kl)."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation of the standard normal CDF that guided-diffusion's decoder likelihood uses."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """log-likelihood of images in [−1, 1] discretised to 256 bins, the outer bins open-ended (±0.999)."""
+    centered_x = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered_x + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered_x - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))))
+
+
+def hybrid_loss(
+    model_output: torch.Tensor,
+    x_start: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    prediction: str = "epsilon",
+    reduction: str = "mean",
+    return_terms: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reduce_b( w_t·mean((target − pred)²) + vb_t·T/1000 ), model_output = [pred | v] along dim 1.
+
+    With `return_terms`, also the per-sample unweighted mse and the rescaled vb (the term added to the loss).
+    The vb term sees the mean through `detach()`, so its gradient reaches v only (guided-diffusion's frozen_out).
+    """
+    dtype = torch.promote_types(model_output.dtype, torch.float32)
+    out, x_start, noise = model_output.to(dtype), x_start.to(dtype), noise.to(dtype)
+    num_timesteps = alphas_cumprod.numel()
+    alphas_cumprod = alphas_cumprod.detach().double().cpu()
+    alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    betas = 1.0 - alphas_cumprod / alphas_cumprod_prev
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    posterior_log_variance_clipped = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
+    posterior_mean_coef1 = betas * torch.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    posterior_mean_coef2 = (1.0 - alphas_cumprod_prev) * torch.sqrt(1.0 - betas) / (1.0 - alphas_cumprod)
+
+    def extract(table: torch.Tensor) -> torch.Tensor:
+        return table.to(out.device)[timesteps].to(dtype).view(-1, *([1] * (out.dim() - 1)))
+
+    x_t = extract(alphas_cumprod.sqrt()) * x_start + extract((1.0 - alphas_cumprod).sqrt()) * noise
+    pred, model_var_values = torch.split(out, x_start.shape[1], dim=1)
+    frozen = pred.detach()
+    min_log = extract(posterior_log_variance_clipped)
+    max_log = extract(torch.log(betas))
+    frac = (model_var_values + 1) / 2
+    model_log_variance = frac * max_log + (1 - frac) * min_log
+    if prediction == "epsilon":
+        pred_xstart = extract(torch.sqrt(1.0 / alphas_cumprod)) * x_t - extract(torch.sqrt(1.0 / alphas_cumprod - 1)) * frozen
+    elif prediction == "sample":
+        pred_xstart = frozen
+    else:
+        raise ValueError(f"prediction: expected 'epsilon' or 'sample', got {prediction!r}")
+    model_mean = extract(posterior_mean_coef1) * pred_xstart + extract(posterior_mean_coef2) * x_t
+    true_mean = extract(posterior_mean_coef1) * x_start + extract(posterior_mean_coef2) * x_t
+    kl = normal_kl(true_mean, min_log, model_mean, model_log_variance).flatten(1).mean(1) / math.log(2.0)
+    decoder_nll = -discretized_gaussian_log_likelihood(x_start, model_mean, 0.5 * model_log_variance)
+    decoder_nll = decoder_nll.flatten(1).mean(1) / math.log(2.0)
+    vb = torch.where(timesteps.to(out.device) == 0, decoder_nll, kl) * (num_timesteps / 1000.0)
+    target = noise if prediction == "epsilon" else x_start
+    mse = ((target - pred) ** 2).flatten(1).mean(1)
+    weight = torch.ones_like(mse) if weights is None else weights.to(out.device, dtype)[timesteps]
+    per_sample = weight * mse + vb
+    loss = per_sample if reduction == "none" else per_sample.sum() if reduction == "sum" else per_sample.mean()
+    return (loss, mse, vb) if return_terms else loss
+
+
 # ---- sampling ----
 
 def sampler_step(

@@ -89,7 +89,9 @@ def _is_one(grad_loss: torch.Tensor) -> bool:
     return eager and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0
 
 
-def _scaled_gradient(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: str) -> torch.Tensor:
+def scaled_gradient(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    """A fused loss's forward gradient times the incoming one (per sample for reduction "none"); shared by the
+    fused losses (snr_loss, hybrid_loss), whose forward already returns d loss / d input."""
     if reduction == "none":
         per_sample = grad_loss.view(-1, *([1] * (grad.dim() - 1)))
         return (grad * per_sample).to(grad.dtype)
@@ -108,7 +110,7 @@ def _backward(ctx, grad_loss, _grad_mse, _grad_grad):
             lambda: "snr_loss: backward needs the gradient from forward; call it with compute_grad=True "
             "(biasfast.snr_weighted_loss does this whenever pred or target requires grad)",
         )
-        scaled = _scaled_gradient(grad, grad_loss, ctx.reduction)
+        scaled = scaled_gradient(grad, grad_loss, ctx.reduction)
         grad_pred = scaled if need_pred else None
         grad_target = -scaled if need_target else None
     if need_weights:

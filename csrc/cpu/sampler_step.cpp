@@ -6,7 +6,9 @@
 //   x̂0 = clamp(a0·x + b0·g, ±clip)            (clamp optional)
 //   ε̂  = a1·x + b1·g
 //   out = p0·x̂0 + p1·ε̂ + p2·x + σ·z
-// following diffusers' DDPMScheduler.step (fixed_small variance) and DDIMScheduler.step.
+// following diffusers' DDPMScheduler.step and DDIMScheduler.step. With variance "learned_range" the model output is
+// (B, 2C, ...): its first C channels are the prediction g, its last C the variance interpolation v, and the DDPM
+// step's σ = exp(h0 + h1·v) per element (guided-diffusion's p_sample with LEARNED_RANGE); DDIM reads only g.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
@@ -32,26 +34,28 @@ namespace {
 
 template <typename T>
 struct StepCoefficients {
-  T a0, b0, a1, b1, p0, p1, p2, sigma;
+  T a0, b0, a1, b1, p0, p1, p2, sigma, h0, h1;
 };
 
+// learned: σ is read per element from the variance half of the model output (DDPM with learned_range only).
 struct StepFlags {
-  bool guided, clip, noisy, write_x0;
+  bool guided, clip, noisy, write_x0, learned;
 };
 
 template <typename T>
 StepCoefficients<T> cast_coefficients(const SamplerCoefficients& c) {
-  return {T(c.a0), T(c.b0), T(c.a1), T(c.b1), T(c.p0), T(c.p1), T(c.p2), T(c.sigma)};
+  return {T(c.a0), T(c.b0), T(c.a1), T(c.b1), T(c.p0), T(c.p1), T(c.p2), T(c.sigma), T(c.h0), T(c.h1)};
 }
 
 // One sample's contiguous range [begin, end); the tail uses partial loads so every element sees the
 // same arithmetic (results do not depend on where the range starts: batch-size invariance).
 template <typename T>
-void step_range(const T* x, const T* cond, const T* uncond, const T* noise, T* out, T* x0_out, int64_t begin,
-                int64_t end, const StepCoefficients<T>& k, T scale, T clip, const StepFlags& f) {
+void step_range(const T* x, const T* cond, const T* uncond, const T* var, const T* noise, T* out, T* x0_out,
+                int64_t begin, int64_t end, const StepCoefficients<T>& k, T scale, T clip, const StepFlags& f) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t lanes = Vec::size();
   const Vec a0(k.a0), b0(k.b0), a1(k.a1), b1(k.b1), p0(k.p0), p1(k.p1), p2(k.p2), sigma(k.sigma), s(scale);
+  const Vec h0(k.h0), h1(k.h1);
   const Vec lo(-clip), hi(clip);
   for (int64_t i = begin; i < end; i += lanes) {
     const int64_t n = std::min(lanes, end - i);
@@ -65,7 +69,10 @@ void step_range(const T* x, const T* cond, const T* uncond, const T* noise, T* o
     if (f.clip) x0 = at::vec::clamp(x0, lo, hi);
     const Vec eps = at::vec::fmadd(b1, g, a1 * xv);
     Vec result = at::vec::fmadd(p0, x0, at::vec::fmadd(p1, eps, p2 * xv));
-    if (f.noisy) result = at::vec::fmadd(sigma, Vec::loadu(noise + i, n), result);
+    if (f.noisy) {
+      const Vec scale_z = f.learned ? at::vec::fmadd(h1, Vec::loadu(var + i, n), h0).exp() : sigma;
+      result = at::vec::fmadd(scale_z, Vec::loadu(noise + i, n), result);
+    }
     result.store(out + i, n);
     if (f.write_x0) x0.store(x0_out + i, n);
   }
@@ -73,9 +80,9 @@ void step_range(const T* x, const T* cond, const T* uncond, const T* noise, T* o
 
 // Scalar form of the same update, with std::fma so every element rounds as the vector body does (fma is exact).
 template <typename T, typename C>
-C10_ALWAYS_INLINE void step_element(const T* x, const T* cond, const T* uncond, const T* noise, T* out, T* x0_out,
-                                    int64_t i, const StepCoefficients<C>& k, C s, C clip, bool guided, bool clipped,
-                                    bool noisy, bool write_x0) {
+C10_ALWAYS_INLINE void step_element(const T* x, const T* cond, const T* uncond, const T* var, const T* noise, T* out,
+                                    T* x0_out, int64_t i, const StepCoefficients<C>& k, C s, C clip, bool guided,
+                                    bool clipped, bool noisy, bool write_x0, bool learned) {
   const C xv = x[i];
   C g = cond[i];
   if (guided) g = std::fma(s, g - C(uncond[i]), C(uncond[i]));
@@ -83,23 +90,28 @@ C10_ALWAYS_INLINE void step_element(const T* x, const T* cond, const T* uncond, 
   if (clipped) x0 = std::min(std::max(x0, -clip), clip);
   const C eps = std::fma(k.b1, g, k.a1 * xv);
   C result = std::fma(k.p0, x0, std::fma(k.p1, eps, k.p2 * xv));
-  if (noisy) result = std::fma(k.sigma, C(noise[i]), result);
+  if (noisy) {
+    const C scale_z = learned ? std::exp(std::fma(k.h1, C(var[i]), k.h0)) : k.sigma;
+    result = std::fma(scale_z, C(noise[i]), result);
+  }
   out[i] = T(result);
   if (write_x0) x0_out[i] = T(x0);
 }
 
 // float16/bfloat16: computed in float, element by element (CPU sampling in reduced precision is rare).
 template <typename T>
-void step_range_reduced(const T* x, const T* cond, const T* uncond, const T* noise, T* out, T* x0_out,
-                        int64_t begin, int64_t end, const StepCoefficients<float>& k, float s, float clip,
+void step_range_reduced(const T* x, const T* cond, const T* uncond, const T* var, const T* noise, T* out,
+                        T* x0_out, int64_t begin, int64_t end, const StepCoefficients<float>& k, float s, float clip,
                         const StepFlags& f) {
   for (int64_t i = begin; i < end; ++i) {
-    step_element(x, cond, uncond, noise, out, x0_out, i, k, s, clip, f.guided, f.clip, f.noisy, f.write_x0);
+    step_element(x, cond, uncond, var, noise, out, x0_out, i, k, s, clip, f.guided, f.clip, f.noisy, f.write_x0,
+                 f.learned);
   }
 }
 
 // float32 on AVX2+FMA CPUs: the portable build's at::vec is SSE-width, so this loop is compiled for AVX2
 // (auto-vectorised; flags are template parameters so the loop body has no branches) and chosen at run time.
+// A learned variance needs exp per element, which does not auto-vectorise: that step takes the at::vec loop.
 template <bool kGuided, bool kClip, bool kNoisy, bool kX0>
 __attribute__((target("avx2,fma"))) void step_range_avx2(const float* x, const float* cond, const float* uncond,
                                                          const float* noise, float* out, float* x0_out, int64_t begin,
@@ -107,7 +119,8 @@ __attribute__((target("avx2,fma"))) void step_range_avx2(const float* x, const f
   // Outputs may alias x_t exactly (in place), never partially: no loop-carried dependence either way.
 #pragma GCC ivdep
   for (int64_t i = begin; i < end; ++i) {
-    step_element(x, cond, uncond, noise, out, x0_out, i, k, s, clip, kGuided, kClip, kNoisy, kX0);
+    step_element(x, cond, uncond, static_cast<const float*>(nullptr), noise, out, x0_out, i, k, s, clip, kGuided,
+                 kClip, kNoisy, kX0, false);
   }
 }
 
@@ -140,7 +153,7 @@ bool cpu_has_avx2() {
 template <typename scalar_t>
 void run_step(const at::Tensor& x, const at::Tensor& cond, const at::Tensor& uncond, const at::Tensor& z,
               at::Tensor& out, at::Tensor& x0, const std::vector<SamplerCoefficients>& coefficients, double scale,
-              double clip, const StepFlags& flags) {
+              double clip, const StepFlags& flags, bool two_halves) {
   using compute_t = at::opmath_type<scalar_t>;
   const int64_t batch = x.size(0), row = x.numel() / batch;
   std::vector<StepCoefficients<compute_t>> k(batch);
@@ -155,26 +168,34 @@ void run_step(const at::Tensor& x, const at::Tensor& cond, const at::Tensor& unc
   at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
       const int64_t b = i / row, stop = std::min(end, (b + 1) * row);
+      // With two halves (B, 2C, ...), element i of sample b has its prediction at i + b·row and its variance one
+      // row later: shifted base pointers let the loops index every tensor with i.
+      const int64_t shift = two_halves ? b * row : 0;
+      const scalar_t* cb = cp + shift;
+      const scalar_t* ub = up == nullptr ? nullptr : up + shift;
+      const scalar_t* vb = flags.learned ? cb + row : nullptr;
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (cpu_has_avx2()) {
-          select_avx2(flags)(xp, cp, up, zp, op, x0p, i, stop, k[b], s, c);
+        if (cpu_has_avx2() && !flags.learned) {
+          select_avx2(flags)(xp, cb, ub, zp, op, x0p, i, stop, k[b], s, c);
         } else {
-          step_range<float>(xp, cp, up, zp, op, x0p, i, stop, k[b], s, c, flags);
+          step_range<float>(xp, cb, ub, vb, zp, op, x0p, i, stop, k[b], s, c, flags);
         }
       } else if constexpr (std::is_same_v<scalar_t, compute_t>) {
-        step_range<scalar_t>(xp, cp, up, zp, op, x0p, i, stop, k[b], s, c, flags);
+        step_range<scalar_t>(xp, cb, ub, vb, zp, op, x0p, i, stop, k[b], s, c, flags);
       } else {
-        step_range_reduced<scalar_t>(xp, cp, up, zp, op, x0p, i, stop, k[b], s, c, flags);
+        step_range_reduced<scalar_t>(xp, cb, ub, vb, zp, op, x0p, i, stop, k[b], s, c, flags);
       }
       i = stop;
     }
   });
 }
 
-void check_like(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
+// `sizes`: x_t's shape, or with two halves (learned variance) x_t's with the channel dimension doubled.
+void check_like(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name, at::IntArrayRef sizes) {
   if (!t.has_value()) return;
   BIASFAST_CHECK_ARG(t->defined(), name, "undefined tensor");
-  BIASFAST_CHECK_ARG(t->sizes() == x.sizes(), name, "shape ", t->sizes(), " does not match x_t's ", x.sizes());
+  BIASFAST_CHECK_ARG(t->sizes() == sizes, name, "shape ", t->sizes(), " does not match ", sizes,
+                     sizes == x.sizes() ? " (x_t's shape)" : " (x_t's shape with 2C channels: learned_range)");
   BIASFAST_CHECK_ARG(t->scalar_type() == x.scalar_type(), name, "dtype ", t->scalar_type(), " does not match x_t's ",
                      x.scalar_type());
   BIASFAST_CHECK_ARG(t->device() == x.device(), name, "device ", t->device(), " does not match x_t's ", x.device());
@@ -182,7 +203,8 @@ void check_like(const std::optional<at::Tensor>& t, const at::Tensor& x, const c
 
 std::vector<SamplerCoefficients> per_sample_coefficients(const at::Tensor& t, const at::Tensor& t_prev,
                                                          const at::Tensor& alphas_cumprod, Method method,
-                                                         Prediction prediction, double eta, int64_t batch) {
+                                                         Prediction prediction, double eta, Variance variance,
+                                                         int64_t batch) {
   BIASFAST_CHECK_ARG(t.dim() == 1 && t.size(0) == batch, "t", "expected shape (", batch, "), got ", t.sizes());
   BIASFAST_CHECK_ARG(t_prev.dim() == 1 && t_prev.size(0) == batch, "t_prev", "expected shape (", batch, "), got ",
                      t_prev.sizes());
@@ -199,7 +221,8 @@ std::vector<SamplerCoefficients> per_sample_coefficients(const at::Tensor& t, co
     BIASFAST_CHECK_ARG(0 <= now && now < steps, "t", "value ", now, " at index ", b, " is outside [0, ", steps, ")");
     BIASFAST_CHECK_ARG(-1 <= prev && prev < now, "t_prev", "value ", prev, " at index ", b,
                        " must satisfy -1 <= t_prev < t = ", now);
-    out[b] = sampler_coefficients(alpha[now], prev >= 0 ? alpha[prev] : 1.0, now > 0, method, prediction, eta);
+    out[b] = sampler_coefficients(alpha[now], prev >= 0 ? alpha[prev] : 1.0, now > 0, method, prediction, eta,
+                                  variance);
   }
   return out;
 }
@@ -211,16 +234,21 @@ void sampler_step_into(const at::Tensor& x_t, const at::Tensor& model_output,
                        const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
                        std::string_view method, std::string_view prediction, double eta,
                        std::optional<double> guidance_scale, std::optional<double> clip_sample, at::Tensor& out,
-                       at::Tensor& x0) {
+                       at::Tensor& x0, std::string_view variance) {
   BIASFAST_CHECK_ARG(at::isFloatingType(x_t.scalar_type()), "x_t", "expected a floating dtype, got ",
                      x_t.scalar_type());
   BIASFAST_CHECK_ARG(x_t.dim() >= 1, "x_t", "expected a batch dimension");
-  check_like(model_output, x_t, "model_output");
-  check_like(uncond_output, x_t, "uncond_output");
-  check_like(noise, x_t, "noise");
+  const Variance v = parse_variance(variance);
+  const bool two_halves = v == Variance::LearnedRange;
+  BIASFAST_CHECK_ARG(!two_halves || x_t.dim() >= 2, "x_t", "learned_range needs a channel dimension (B, C, ...)");
+  std::vector<int64_t> model_sizes = x_t.sizes().vec();
+  if (two_halves) model_sizes[1] *= 2;
+  check_like(model_output, x_t, "model_output", model_sizes);
+  check_like(uncond_output, x_t, "uncond_output", model_sizes);
+  check_like(noise, x_t, "noise", x_t.sizes());
   const bool write_x0 = x0.numel() > 0;
   const auto check_output = [&](const at::Tensor& target, const char* name) {
-    check_like(target, x_t, name);
+    check_like(target, x_t, name, x_t.sizes());
     BIASFAST_CHECK_ARG(target.is_contiguous(), name, "expected a contiguous tensor");
     for (const at::Tensor* input : {&x_t, &model_output}) {
       BIASFAST_CHECK_ARG(at::get_overlap_status(target, *input) != at::MemOverlapStatus::Partial, name,
@@ -241,15 +269,16 @@ void sampler_step_into(const at::Tensor& x_t, const at::Tensor& model_output,
                      clip_sample.value_or(0));
 
   const int64_t batch = x_t.size(0);
-  const auto coefficients = per_sample_coefficients(t, t_prev, alphas_cumprod, m, p, eta, batch);
+  const auto coefficients = per_sample_coefficients(t, t_prev, alphas_cumprod, m, p, eta, v, batch);
   if (x_t.numel() == 0) return;
   const at::Tensor x = x_t.contiguous(), cond = model_output.contiguous();
   const at::Tensor uncond = uncond_output.has_value() ? uncond_output->contiguous() : at::Tensor();
   const at::Tensor z = noise.has_value() ? noise->contiguous() : at::Tensor();
-  const StepFlags flags{uncond.defined(), clip_sample.has_value(), z.defined(), write_x0};
+  const bool learned = two_halves && m == Method::DDPM;  // DDIM ignores a learned variance
+  const StepFlags flags{uncond.defined(), clip_sample.has_value(), z.defined(), write_x0, learned};
   const double scale = guidance_scale.value_or(1.0), clip = clip_sample.value_or(0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_cpu", [&] {
-    run_step<scalar_t>(x, cond, uncond, z, out, x0, coefficients, scale, clip, flags);
+    run_step<scalar_t>(x, cond, uncond, z, out, x0, coefficients, scale, clip, flags, two_halves);
   });
 }
 
@@ -275,11 +304,12 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x_t, const
                                                     const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
                                                     std::string_view method, std::string_view prediction, double eta,
                                                     std::optional<double> guidance_scale,
-                                                    std::optional<double> clip_sample, bool return_x0) {
+                                                    std::optional<double> clip_sample, bool return_x0,
+                                                    std::string_view variance) {
   at::Tensor out = empty_output(x_t);
   at::Tensor x0 = return_x0 ? empty_output(x_t) : at::empty({0}, x_t.options());
   sampler_step_into(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
-                    guidance_scale, clip_sample, out, x0);
+                    guidance_scale, clip_sample, out, x0, variance);
   return {out, x0};
 }
 
@@ -288,9 +318,9 @@ void sampler_step_out_cpu(const at::Tensor& x_t, const at::Tensor& model_output,
                           const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
                           std::string_view method, std::string_view prediction, double eta,
                           std::optional<double> guidance_scale, std::optional<double> clip_sample, at::Tensor out,
-                          at::Tensor x0_out) {
+                          at::Tensor x0_out, std::string_view variance) {
   sampler_step_into(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
-                    guidance_scale, clip_sample, out, x0_out);
+                    guidance_scale, clip_sample, out, x0_out, variance);
 }
 
 }  // namespace

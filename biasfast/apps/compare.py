@@ -70,10 +70,11 @@ def _quality(samples_a: torch.Tensor, samples_b: torch.Tensor, test: torch.Tenso
 def budget_quality(run_dir: str, result: dict, test: torch.Tensor, classifier: torch.nn.Module | None,
                    budgets: str) -> dict:
     """The final models of one run re-sampled at each budget (keyed noise, seed of the run), scored like the final
-    samples: fields "fid@<budget>", "swd@<budget>". Each budget's scores are kept in the run folder as soon as
-    they exist, so an interrupted comparison resumes without sampling a budget twice."""
+    samples: fields "fid@<budget>", "swd@<budget>". Each budget's scores are kept beside the run's samples as soon
+    as they exist (removed with them by --overwrite), so an interrupted comparison resumes without sampling a
+    budget twice."""
     step = result["checkpoints"][-1]["step"]
-    cache = os.path.join(run_dir, f"budgets_step_{step:08d}.json")
+    cache = os.path.join(run_dir, SAMPLE_DIR, f"budgets_step_{step:08d}.json")
     done = {}
     if os.path.isfile(cache):
         with open(cache) as f:

@@ -138,10 +138,13 @@ def _check_plan(plan: dict) -> None:
     from biasfast.apps.run import RunConfig
     from biasfast.diffusion import NoiseSchedule, weighting
 
-    parse_budgets(plan["budgets"])
+    budgets = parse_budgets(plan["budgets"])
     for name in plan["weightings"]:
         config = RunConfig(**plan["base"], weighting=name)
         weighting(config.weighting, NoiseSchedule(config.schedule, config.num_timesteps))
+    for budget, _, steps in budgets:
+        if steps is not None and steps > config.num_timesteps:
+            raise ValueError(f"budgets: {budget!r} has more steps than the schedule's {config.num_timesteps}")
 
 
 def _resume_plan(out: str, given: dict, args: argparse.Namespace) -> int:

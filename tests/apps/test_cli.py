@@ -210,6 +210,10 @@ def test_weighting_comparison_over_seeds_resumes(tmp_path, capsys):
     assert "without run options" in capsys.readouterr().err
     assert main(["run", "--quick", "--seeds", "1,2", "--budgets", "ddim,plms5", "--out", str(tmp_path / "p")]) == 2
     assert "budgets: cannot read 'ddim'" in capsys.readouterr().err and not os.path.exists(tmp_path / "p")
+    assert main(["run", "--quick", "--seeds", "1,2", "--budgets", "ddim2000", "--out", str(tmp_path / "p")]) == 2
+    assert "more steps than the schedule's 1000" in capsys.readouterr().err
+    assert main(["run", "--quick", "--budgets", "ddim10", "--out", str(tmp_path / "p")]) == 2
+    assert "budgets: only used by a comparison" in capsys.readouterr().err
     assert main(["run", "--quick", "--seeds", "1,x", "--out", str(tmp_path / "s")]) == 2
     assert "seeds" in capsys.readouterr().err
     assert main(["run", "--quick", "--seed", "1", "--seeds", "1,2", "--out", str(tmp_path / "s")]) == 2

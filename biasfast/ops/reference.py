@@ -139,9 +139,20 @@ def sampler_step(
     uncond_output: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     clip_sample: float | None = None,
+    variance: str = "fixed_small",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDPM (fixed_small) or DDIM step as diffusers' `DDPMScheduler.step` / `DDIMScheduler.step` write it,
-    with per-sample t, t_prev (B,) (t_prev = -1: ᾱ_prev = 1) and CFG ε = ε_u + s·(ε_c − ε_u). Returns (x_prev, x̂0)."""
+    """One DDPM (fixed_small or learned_range) or DDIM step as diffusers' `DDPMScheduler.step` /
+    `DDIMScheduler.step` write it, with per-sample t, t_prev (B,) (t_prev = -1: ᾱ_prev = 1) and CFG
+    ε = ε_u + s·(ε_c − ε_u). learned_range: model outputs (B, 2C, ...) split into the prediction and v, and
+    log σ² = frac·log β_t + (1 − frac)·log β̃_t, frac = (v + 1)/2 (diffusers' `_get_variance`). Returns (x_prev, x̂0)."""
+    log_variance_frac = None
+    if variance == "learned_range":
+        channels = x_t.shape[1]
+        model_output, log_variance_frac = model_output[:, :channels], (model_output[:, channels:] + 1) / 2
+        if uncond_output is not None:
+            uncond_output = uncond_output[:, :channels]
+    elif variance != "fixed_small":
+        raise ValueError(f"variance: unknown {variance!r}")
     view = (-1,) + (1,) * (x_t.dim() - 1)
     table = alphas_cumprod.to(x_t.device, x_t.dtype)
     alpha = table[t].view(view)
@@ -171,8 +182,12 @@ def sampler_step(
         step_alpha = alpha / alpha_prev
         step_beta = 1 - step_alpha
         x_prev = (alpha_prev**0.5 * step_beta / beta) * x0 + (step_alpha**0.5 * beta_prev / beta) * x_t
-        variance = (beta_prev / beta * step_beta).clamp(min=1e-20)
-        x_prev = x_prev + torch.where(t.view(view) > 0, variance**0.5, torch.zeros_like(variance)) * noise
+        posterior = (beta_prev / beta * step_beta).clamp(min=1e-20)
+        std = posterior**0.5
+        if log_variance_frac is not None:
+            log_variance = log_variance_frac * step_beta.log() + (1 - log_variance_frac) * posterior.log()
+            std = torch.exp(0.5 * log_variance)
+        x_prev = x_prev + torch.where(t.view(view) > 0, std, torch.zeros_like(std)) * noise
     else:
         raise ValueError(f"method: unknown {method!r}")
     return x_prev, x0

@@ -1,5 +1,7 @@
 """`biasfast::sampler_step`: the fused DDPM/DDIM sampler step with classifier-free guidance, one pass over x_t
 and the model outputs; the overload `sampler_step.out` writes into a given tensor (x_t itself: in place).
+With `variance="learned_range"` the model outputs carry a learned variance in their second half (B, 2C, ...),
+read in place by the kernel (no split copies), as guided-diffusion's models with `learn_sigma=True` emit it.
 
 Coefficients are gathered from the device-resident ᾱ table inside the kernel with per-sample timesteps, so a
 sampling loop never calls `.item()` and, on CUDA, is capturable in a CUDA graph. Sampling is inference-only:
@@ -12,7 +14,7 @@ import torch
 
 from biasfast._core import dispatch
 from biasfast._core.checks import check_floating, check_tensor
-from biasfast._core.constants import PREDICTIONS, SAMPLER_METHODS
+from biasfast._core.constants import PREDICTIONS, SAMPLER_METHODS, VARIANCES
 
 
 def sampler_step(
@@ -29,21 +31,30 @@ def sampler_step(
     uncond_output: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     clip_sample: float | None = None,
+    variance: str = "fixed_small",
     return_x0: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """x_t → x_{t_prev}, as diffusers' `DDPMScheduler.step` (fixed_small variance) / `DDIMScheduler.step`.
+    """x_t → x_{t_prev}, as diffusers' `DDPMScheduler.step` (fixed_small or learned_range variance) /
+    `DDIMScheduler.step`.
 
     t, t_prev: ints or integer tensors of shape () or (B,) (per-sample timesteps); t_prev = -1 is the final
     step (ᾱ_prev = 1). method "ddpm" (ancestral) or "ddim" (with `eta` in [0, 1]); prediction "epsilon",
     "sample" or "v_prediction". Guidance: `model_output` is the conditional output and the model output used is
     uncond + guidance_scale·(cond − uncond) (diffusers' convention; Ho & Salimans' (1 + w)·ε_c − w·ε_u is
     guidance_scale = 1 + w). `noise` (like x_t) is required for "ddpm" and for eta > 0. `clip_sample` clamps
-    x̂0 to ±clip_sample. `alphas_cumprod`: the float64 ᾱ table on x_t's device (`NoiseSchedule.table`). `out`: a contiguous tensor like x_t to write x_prev into, x_t itself for an in-place
-    step (saves the allocation, which for large batches costs as much as the step). Returns x_prev, or
-    (x_prev, x̂0) with `return_x0`.
+    x̂0 to ±clip_sample. `alphas_cumprod`: the float64 ᾱ table on x_t's device (`NoiseSchedule.table`).
+    `variance`: "fixed_small", or "learned_range": `model_output` (and `uncond_output`) are (B, 2C, ...) for x_t
+    (B, C, ...), the prediction then v ∈ [−1, 1], and the DDPM step draws with log σ² = frac·log β' +
+    (1 − frac)·log β̃', frac = (v + 1)/2, β' = 1 − ᾱ_t/ᾱ_{t_prev} and β̃' = (1 − ᾱ_{t_prev})/(1 − ᾱ_t)·β' the
+    step's posterior variance (clamped ≥ 1e-20), i.e. guided-diffusion's `p_sample` on the respaced process
+    whose steps are (t, t_prev) (`SpacedDiffusion`), and diffusers' `variance_type="learned_range"`. Guidance
+    mixes the predictions only; v comes from the conditional output. DDIM ignores v. `out`: a contiguous
+    tensor like x_t to write x_prev into, x_t itself for an in-place step (saves the allocation, which for
+    large batches costs as much as the step). Returns x_prev, or (x_prev, x̂0) with `return_x0`.
     """
-    _check_arguments(x_t, model_output, uncond_output, noise, method, prediction, eta, guidance_scale, clip_sample)
+    _check_arguments(x_t, model_output, uncond_output, noise, method, prediction, eta, guidance_scale, clip_sample,
+                     variance)
     check_tensor(alphas_cumprod, "alphas_cumprod")
     if alphas_cumprod.dtype != torch.float64 or alphas_cumprod.dim() != 1 or alphas_cumprod.device != x_t.device:
         raise ValueError(f"alphas_cumprod: expected a 1-D float64 table on {x_t.device}, got {alphas_cumprod.dtype} "
@@ -57,12 +68,12 @@ def sampler_step(
             _optional_float(guidance_scale), _optional_float(clip_sample))
     if out is None:
         dispatch.require_kernel("sampler_step", x_t, "x_t")
-        x_prev, x0 = operator(*args, return_x0)
+        x_prev, x0 = operator(*args, return_x0, variance)
     else:
         dispatch.require_kernel("sampler_step.out", x_t, "x_t")
         _check_out(out, x_t)
         x_prev, x0 = out, (torch.empty_like(out) if return_x0 else out.new_empty((0,)))
-        operator.out(*args, x_prev, x0)
+        operator.out(*args, x_prev, x0, variance)
     return (x_prev, x0) if return_x0 else x_prev
 
 
@@ -79,17 +90,31 @@ def _optional_float(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
-def _check_arguments(x_t, model_output, uncond_output, noise, method, prediction, eta, guidance_scale, clip_sample):
+def model_output_shape(x_t: torch.Tensor, variance: str) -> tuple[int, ...]:
+    """The model output's shape for x_t: x_t's, or with the channels doubled for a learned variance."""
+    shape = tuple(x_t.shape)
+    return shape if variance == "fixed_small" else (shape[0], 2 * shape[1], *shape[2:])
+
+
+def _check_arguments(x_t, model_output, uncond_output, noise, method, prediction, eta, guidance_scale, clip_sample,
+                     variance):
     check_tensor(x_t, "x_t")
     check_floating(x_t, "x_t")
     if x_t.dim() < 1:
         raise ValueError("x_t: expected a batch dimension (shape (B, ...))")
+    if variance not in VARIANCES:
+        raise ValueError(f"variance: unknown {variance!r}; expected one of {VARIANCES}")
+    if variance == "learned_range" and x_t.dim() < 2:
+        raise ValueError("x_t: a learned variance needs a channel dimension (shape (B, C, ...))")
+    model_shape = model_output_shape(x_t, variance)
     for name, value in (("model_output", model_output), ("uncond_output", uncond_output), ("noise", noise)):
         if value is None and name != "model_output":
             continue
         check_tensor(value, name)
-        if value.shape != x_t.shape:
-            raise ValueError(f"{name}: shape {tuple(value.shape)} does not match x_t's {tuple(x_t.shape)}")
+        expected = tuple(x_t.shape) if name == "noise" else model_shape
+        if tuple(value.shape) != expected:
+            what = "x_t's" if expected == tuple(x_t.shape) else "x_t's with 2C channels (prediction, learned variance)"
+            raise ValueError(f"{name}: shape {tuple(value.shape)} does not match {expected}, {what}")
         if value.dtype != x_t.dtype:
             raise TypeError(f"{name}: dtype {value.dtype} does not match x_t's {x_t.dtype}")
         if value.device != x_t.device:
@@ -145,15 +170,16 @@ def _check_order(t: torch.Tensor, t_prev: torch.Tensor, steps: int) -> None:
 
 
 def _fake(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
-          guidance_scale, clip_sample, return_x0):
-    torch._check(model_output.shape == x_t.shape, lambda: "sampler_step: model_output must have x_t's shape")
+          guidance_scale, clip_sample, return_x0, variance="fixed_small"):
+    torch._check(tuple(model_output.shape) == model_output_shape(x_t, variance),
+                 lambda: "sampler_step: model_output must have x_t's shape (2C channels for learned_range)")
     x_prev = torch.empty_like(x_t, memory_format=torch.contiguous_format)
     x0 = torch.empty_like(x_prev) if return_x0 else x_t.new_empty((0,))
     return x_prev, x0
 
 
 def _out_fake(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
-              guidance_scale, clip_sample, out, x0_out):
+              guidance_scale, clip_sample, out, x0_out, variance="fixed_small"):
     torch._check(out.shape == x_t.shape, lambda: "sampler_step.out: out must have x_t's shape")
 
 

@@ -1,5 +1,5 @@
 // Per-sample coefficients of the fused sampler step, in double (see csrc/cpu/sampler_step.cpp for the update).
-// Formulas follow diffusers' DDPMScheduler.step (fixed_small variance) and DDIMScheduler.step;
+// Formulas follow diffusers' DDPMScheduler.step (fixed_small or learned_range variance) and DDIMScheduler.step;
 // kernels/sampler_step.py computes the same ones inside the Triton kernel.
 #pragma once
 #include <algorithm>
@@ -12,6 +12,7 @@ namespace biasfast {
 
 enum class Method { DDPM, DDIM };
 enum class Prediction { Epsilon, Sample, V };
+enum class Variance { FixedSmall, LearnedRange };
 
 inline Method parse_method(std::string_view name) {
   if (name == "ddpm") return Method::DDPM;
@@ -28,14 +29,24 @@ inline Prediction parse_prediction(std::string_view name) {
   return Prediction::Epsilon;
 }
 
-// x̂0 = a0·x + b0·g,  ε̂ = a1·x + b1·g,  x_{t'} = p0·x̂0 + p1·ε̂ + p2·x + σ·z.
+inline Variance parse_variance(std::string_view name) {
+  if (name == "fixed_small") return Variance::FixedSmall;
+  if (name == "learned_range") return Variance::LearnedRange;
+  BIASFAST_CHECK_ARG(false, "variance", "unknown '", name, "'; expected 'fixed_small' or 'learned_range'");
+  return Variance::FixedSmall;
+}
+
+// x̂0 = a0·x + b0·g,  ε̂ = a1·x + b1·g,  x_{t'} = p0·x̂0 + p1·ε̂ + p2·x + σ·z, where σ is `sigma` (fixed) or,
+// with a learned variance v (the model output's second half), σ = exp(h0 + h1·v) per element.
 struct SamplerCoefficients {
-  double a0, b0, a1, b1, p0, p1, p2, sigma;
+  double a0, b0, a1, b1, p0, p1, p2, sigma, h0, h1;
 };
 
 // alpha = ᾱ_t, alpha_prev = ᾱ_{t'} (1 at the final step); noisy_step = t > 0 (diffusers' DDPM adds noise only then).
+// The step's β' = 1 − ᾱ_t/ᾱ_{t'} and posterior variance β̃' = (1 − ᾱ_{t'})/(1 − ᾱ_t)·β' are those of the respaced
+// process whose steps are (t, t'), as guided-diffusion's SpacedDiffusion rebuilds them.
 inline SamplerCoefficients sampler_coefficients(double alpha, double alpha_prev, bool noisy_step, Method method,
-                                                Prediction prediction, double eta) {
+                                                Prediction prediction, double eta, Variance variance) {
   const double beta_bar = 1.0 - alpha, beta_bar_prev = 1.0 - alpha_prev;
   const double root_alpha = std::sqrt(alpha), root_beta_bar = std::sqrt(beta_bar);
   SamplerCoefficients c{};
@@ -61,7 +72,15 @@ inline SamplerCoefficients sampler_coefficients(double alpha, double alpha_prev,
     c.p0 = std::sqrt(alpha_prev) * step_beta / beta_bar;
     c.p1 = 0.0;
     c.p2 = std::sqrt(step_alpha) * beta_bar_prev / beta_bar;
-    c.sigma = noisy_step ? std::sqrt(std::max(beta_bar_prev / beta_bar * step_beta, 1e-20)) : 0.0;
+    const double posterior = std::max(beta_bar_prev / beta_bar * step_beta, 1e-20);
+    c.sigma = noisy_step ? std::sqrt(posterior) : 0.0;
+    if (variance == Variance::LearnedRange) {
+      // LEARNED_RANGE: log σ² = frac·log β' + (1 − frac)·log β̃', frac = (v + 1)/2, so σ = exp(h0 + h1·v);
+      // h0 = −inf gives σ = 0 exactly where no noise is added.
+      const double max_log = std::log(step_beta), min_log = std::log(posterior);
+      c.h0 = noisy_step ? 0.25 * (max_log + min_log) : -INFINITY;
+      c.h1 = noisy_step ? 0.25 * (max_log - min_log) : 0.0;
+    }
   }
   return c;
 }

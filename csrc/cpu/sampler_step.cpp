@@ -6,7 +6,9 @@
 //   x̂0 = clamp(a0·x + b0·g, ±clip)            (clamp optional)
 //   ε̂  = a1·x + b1·g
 //   out = p0·x̂0 + p1·ε̂ + p2·x + σ·z
-// following diffusers' DDPMScheduler.step (fixed_small variance) and DDIMScheduler.step.
+// following diffusers' DDPMScheduler.step and DDIMScheduler.step. With variance "learned_range" the model output is
+// (B, 2C, ...): its first C channels are the prediction g, its last C the variance interpolation v, and the DDPM
+// step's σ = exp(h0 + h1·v) per element (guided-diffusion's p_sample with LEARNED_RANGE); DDIM reads only g.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
@@ -14,8 +16,13 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <array>
+#include <bit>
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <optional>
+#include <utility>
 #include <string_view>
 #include <type_traits>
 #include <vector>
@@ -33,26 +40,28 @@ namespace {
 
 template <typename T>
 struct StepCoefficients {
-  T a0, b0, a1, b1, p0, p1, p2, sigma;
+  T a0, b0, a1, b1, p0, p1, p2, sigma, h0, h1;
 };
 
+// learned: σ is read per element from the variance half of the model output (DDPM with learned_range only).
 struct StepFlags {
-  bool guided, clip, noisy, write_x0;
+  bool guided, clip, noisy, write_x0, learned;
 };
 
 template <typename T>
 StepCoefficients<T> cast_coefficients(const SamplerCoefficients& c) {
-  return {T(c.a0), T(c.b0), T(c.a1), T(c.b1), T(c.p0), T(c.p1), T(c.p2), T(c.sigma)};
+  return {T(c.a0), T(c.b0), T(c.a1), T(c.b1), T(c.p0), T(c.p1), T(c.p2), T(c.sigma), T(c.h0), T(c.h1)};
 }
 
 // One sample's contiguous range [begin, end); the tail uses partial loads so every element sees the
 // same arithmetic (results do not depend on where the range starts: batch-size invariance).
 template <typename T>
-void step_range(const T* x, const T* cond, const T* uncond, const T* noise, T* out, T* x0_out, int64_t begin,
-                int64_t end, const StepCoefficients<T>& k, T scale, T clip, const StepFlags& f) {
+void step_range(const T* x, const T* cond, const T* uncond, const T* var, const T* noise, T* out, T* x0_out,
+                int64_t begin, int64_t end, const StepCoefficients<T>& k, T scale, T clip, const StepFlags& f) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t lanes = Vec::size();
   const Vec a0(k.a0), b0(k.b0), a1(k.a1), b1(k.b1), p0(k.p0), p1(k.p1), p2(k.p2), sigma(k.sigma), s(scale);
+  const Vec h0(k.h0), h1(k.h1);
   const Vec lo(-clip), hi(clip);
   for (int64_t i = begin; i < end; i += lanes) {
     const int64_t n = std::min(lanes, end - i);
@@ -66,17 +75,40 @@ void step_range(const T* x, const T* cond, const T* uncond, const T* noise, T* o
     if (f.clip) x0 = at::vec::clamp(x0, lo, hi);
     const Vec eps = at::vec::fmadd(b1, g, a1 * xv);
     Vec result = at::vec::fmadd(p0, x0, at::vec::fmadd(p1, eps, p2 * xv));
-    if (f.noisy) result = at::vec::fmadd(sigma, Vec::loadu(noise + i, n), result);
+    if (f.noisy) {
+      const Vec scale_z = f.learned ? at::vec::fmadd(h1, Vec::loadu(var + i, n), h0).exp() : sigma;
+      result = at::vec::fmadd(scale_z, Vec::loadu(noise + i, n), result);
+    }
     result.store(out + i, n);
     if (f.write_x0) x0.store(x0_out + i, n);
   }
 }
 
+// e^x in float for the learned-variance σ, written so the AVX2 loop auto-vectorises it (std::exp does not):
+// Cephes' expf, x = n·ln2 + r with |r| ≤ ln2/2, a degree-6 polynomial in r, times 2^n built in the exponent bits.
+// Relative error ≤ 2e-7 (about 2 ulp); x is clamped to [−87, 88] (σ never comes near either end).
+C10_ALWAYS_INLINE float exp_of(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(std::fma(x, 1.44269504088896341f, 0.5f));
+  float r = std::fma(n, -0.693359375f, x);
+  r = std::fma(n, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = std::fma(p, r, 1.3981999507e-3f);
+  p = std::fma(p, r, 8.3334519073e-3f);
+  p = std::fma(p, r, 4.1665795894e-2f);
+  p = std::fma(p, r, 1.6666665459e-1f);
+  p = std::fma(p, r, 5.0000001201e-1f);
+  p = std::fma(p, r * r, r) + 1.0f;
+  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+}
+
+C10_ALWAYS_INLINE double exp_of(double x) { return std::exp(x); }
+
 // Scalar form of the same update, with std::fma so every element rounds as the vector body does (fma is exact).
 template <typename T, typename C>
-C10_ALWAYS_INLINE void step_element(const T* x, const T* cond, const T* uncond, const T* noise, T* out, T* x0_out,
-                                    int64_t i, const StepCoefficients<C>& k, C s, C clip, bool guided, bool clipped,
-                                    bool noisy, bool write_x0) {
+C10_ALWAYS_INLINE void step_element(const T* x, const T* cond, const T* uncond, const T* var, const T* noise, T* out,
+                                    T* x0_out, int64_t i, const StepCoefficients<C>& k, C s, C clip, bool guided,
+                                    bool clipped, bool noisy, bool write_x0, bool learned) {
   const C xv = x[i];
   C g = cond[i];
   if (guided) g = std::fma(s, g - C(uncond[i]), C(uncond[i]));
@@ -84,59 +116,56 @@ C10_ALWAYS_INLINE void step_element(const T* x, const T* cond, const T* uncond, 
   if (clipped) x0 = std::min(std::max(x0, -clip), clip);
   const C eps = std::fma(k.b1, g, k.a1 * xv);
   C result = std::fma(k.p0, x0, std::fma(k.p1, eps, k.p2 * xv));
-  if (noisy) result = std::fma(k.sigma, C(noise[i]), result);
+  if (noisy) {
+    const C scale_z = learned ? exp_of(std::fma(k.h1, C(var[i]), k.h0)) : k.sigma;
+    result = std::fma(scale_z, C(noise[i]), result);
+  }
   out[i] = T(result);
   if (write_x0) x0_out[i] = T(x0);
 }
 
 // float16/bfloat16: computed in float, element by element (CPU sampling in reduced precision is rare).
 template <typename T>
-void step_range_reduced(const T* x, const T* cond, const T* uncond, const T* noise, T* out, T* x0_out,
-                        int64_t begin, int64_t end, const StepCoefficients<float>& k, float s, float clip,
+void step_range_reduced(const T* x, const T* cond, const T* uncond, const T* var, const T* noise, T* out,
+                        T* x0_out, int64_t begin, int64_t end, const StepCoefficients<float>& k, float s, float clip,
                         const StepFlags& f) {
   for (int64_t i = begin; i < end; ++i) {
-    step_element(x, cond, uncond, noise, out, x0_out, i, k, s, clip, f.guided, f.clip, f.noisy, f.write_x0);
+    step_element(x, cond, uncond, var, noise, out, x0_out, i, k, s, clip, f.guided, f.clip, f.noisy, f.write_x0,
+                 f.learned);
   }
 }
 
 // float32 on AVX2+FMA CPUs: the portable build's at::vec is SSE-width, so this loop is compiled for AVX2
 // (auto-vectorised; flags are template parameters so the loop body has no branches) and chosen at run time.
-template <bool kGuided, bool kClip, bool kNoisy, bool kX0>
-BIASFAST_AVX2 void step_range_avx2(const float* x, const float* cond, const float* uncond, const float* noise,
-                                   float* out, float* x0_out, int64_t begin, int64_t end, StepCoefficients<float> k,
-                                   float s, float clip) {
+// A learned variance's exp per element vectorises through exp_of.
+template <bool kLearned, bool kGuided, bool kClip, bool kNoisy, bool kX0>
+BIASFAST_AVX2 void step_range_avx2(const float* x, const float* cond, const float* uncond, const float* var,
+                                   const float* noise, float* out, float* x0_out, int64_t begin, int64_t end,
+                                   StepCoefficients<float> k, float s, float clip) {
   // Outputs may alias x_t exactly (in place), never partially: no loop-carried dependence either way.
 #pragma GCC ivdep
   for (int64_t i = begin; i < end; ++i) {
-    step_element(x, cond, uncond, noise, out, x0_out, i, k, s, clip, kGuided, kClip, kNoisy, kX0);
+    step_element(x, cond, uncond, var, noise, out, x0_out, i, k, s, clip, kGuided, kClip, kNoisy, kX0, kLearned);
   }
 }
 
-using Avx2Range = void (*)(const float*, const float*, const float*, const float*, float*, float*, int64_t, int64_t,
-                           StepCoefficients<float>, float, float);
+using Avx2Range = void (*)(const float*, const float*, const float*, const float*, const float*, float*, float*,
+                           int64_t, int64_t, StepCoefficients<float>, float, float);
 
-template <bool... kFlags>
-constexpr Avx2Range avx2_entry() {
-  return &step_range_avx2<kFlags...>;
+template <size_t... I>
+constexpr std::array<Avx2Range, sizeof...(I)> avx2_table(std::index_sequence<I...>) {
+  return {&step_range_avx2<bool(I & 16), bool(I & 8), bool(I & 4), bool(I & 2), bool(I & 1)>...};
 }
 
 Avx2Range select_avx2(const StepFlags& f) {
-  static constexpr Avx2Range table[16] = {
-      avx2_entry<false, false, false, false>(), avx2_entry<false, false, false, true>(),
-      avx2_entry<false, false, true, false>(),  avx2_entry<false, false, true, true>(),
-      avx2_entry<false, true, false, false>(),  avx2_entry<false, true, false, true>(),
-      avx2_entry<false, true, true, false>(),   avx2_entry<false, true, true, true>(),
-      avx2_entry<true, false, false, false>(),  avx2_entry<true, false, false, true>(),
-      avx2_entry<true, false, true, false>(),   avx2_entry<true, false, true, true>(),
-      avx2_entry<true, true, false, false>(),   avx2_entry<true, true, false, true>(),
-      avx2_entry<true, true, true, false>(),    avx2_entry<true, true, true, true>()};
-  return table[f.guided * 8 + f.clip * 4 + f.noisy * 2 + f.write_x0];
+  static constexpr auto table = avx2_table(std::make_index_sequence<32>{});
+  return table[f.learned * 16 + f.guided * 8 + f.clip * 4 + f.noisy * 2 + f.write_x0];
 }
 
 template <typename scalar_t>
 void run_step(const at::Tensor& x, const at::Tensor& cond, const at::Tensor& uncond, const at::Tensor& z,
               at::Tensor& out, at::Tensor& x0, const std::vector<SamplerCoefficients>& coefficients, double scale,
-              double clip, const StepFlags& flags) {
+              double clip, const StepFlags& flags, bool two_halves) {
   using compute_t = at::opmath_type<scalar_t>;
   const int64_t batch = x.size(0), row = x.numel() / batch;
   std::vector<StepCoefficients<compute_t>> k(batch);
@@ -151,26 +180,37 @@ void run_step(const at::Tensor& x, const at::Tensor& cond, const at::Tensor& unc
   at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
       const int64_t b = i / row, stop = std::min(end, (b + 1) * row);
+      // With two halves (B, 2C, ...), element i of sample b has its prediction at i + b·row and its variance one
+      // row later: shifted base pointers let the loops index every tensor with i.
+      const int64_t shift = two_halves ? b * row : 0;
+      const scalar_t* cb = cp + shift;
+      const scalar_t* ub = up == nullptr ? nullptr : up + shift;
+      const scalar_t* vb = flags.learned ? cb + row : nullptr;
+      // A sample that gets no noise (t = 0: h0 = −inf) takes the fixed path, whose σ is exactly 0.
+      StepFlags fb = flags;
+      fb.learned = flags.learned && k[b].h0 > -std::numeric_limits<compute_t>::infinity();
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (cpu_has_avx2()) {
-          select_avx2(flags)(xp, cp, up, zp, op, x0p, i, stop, k[b], s, c);
+          select_avx2(fb)(xp, cb, ub, vb, zp, op, x0p, i, stop, k[b], s, c);
         } else {
-          step_range<float>(xp, cp, up, zp, op, x0p, i, stop, k[b], s, c, flags);
+          step_range<float>(xp, cb, ub, vb, zp, op, x0p, i, stop, k[b], s, c, fb);
         }
       } else if constexpr (std::is_same_v<scalar_t, compute_t>) {
-        step_range<scalar_t>(xp, cp, up, zp, op, x0p, i, stop, k[b], s, c, flags);
+        step_range<scalar_t>(xp, cb, ub, vb, zp, op, x0p, i, stop, k[b], s, c, fb);
       } else {
-        step_range_reduced<scalar_t>(xp, cp, up, zp, op, x0p, i, stop, k[b], s, c, flags);
+        step_range_reduced<scalar_t>(xp, cb, ub, vb, zp, op, x0p, i, stop, k[b], s, c, fb);
       }
       i = stop;
     }
   });
 }
 
-void check_like(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
+// `sizes`: x_t's shape, or with two halves (learned variance) x_t's with the channel dimension doubled.
+void check_like(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name, at::IntArrayRef sizes) {
   if (!t.has_value()) return;
   BIASFAST_CHECK_ARG(t->defined(), name, "undefined tensor");
-  BIASFAST_CHECK_ARG(t->sizes() == x.sizes(), name, "shape ", t->sizes(), " does not match x_t's ", x.sizes());
+  BIASFAST_CHECK_ARG(t->sizes() == sizes, name, "shape ", t->sizes(), " does not match ", sizes,
+                     sizes == x.sizes() ? " (x_t's shape)" : " (x_t's shape with 2C channels: learned_range)");
   BIASFAST_CHECK_ARG(t->scalar_type() == x.scalar_type(), name, "dtype ", t->scalar_type(), " does not match x_t's ",
                      x.scalar_type());
   BIASFAST_CHECK_ARG(t->device() == x.device(), name, "device ", t->device(), " does not match x_t's ", x.device());
@@ -178,7 +218,8 @@ void check_like(const std::optional<at::Tensor>& t, const at::Tensor& x, const c
 
 std::vector<SamplerCoefficients> per_sample_coefficients(const at::Tensor& t, const at::Tensor& t_prev,
                                                          const at::Tensor& alphas_cumprod, Method method,
-                                                         Prediction prediction, double eta, int64_t batch) {
+                                                         Prediction prediction, double eta, Variance variance,
+                                                         int64_t batch) {
   BIASFAST_CHECK_ARG(t.dim() == 1 && t.size(0) == batch, "t", "expected shape (", batch, "), got ", t.sizes());
   BIASFAST_CHECK_ARG(t_prev.dim() == 1 && t_prev.size(0) == batch, "t_prev", "expected shape (", batch, "), got ",
                      t_prev.sizes());
@@ -195,7 +236,8 @@ std::vector<SamplerCoefficients> per_sample_coefficients(const at::Tensor& t, co
     BIASFAST_CHECK_ARG(0 <= now && now < steps, "t", "value ", now, " at index ", b, " is outside [0, ", steps, ")");
     BIASFAST_CHECK_ARG(-1 <= prev && prev < now, "t_prev", "value ", prev, " at index ", b,
                        " must satisfy -1 <= t_prev < t = ", now);
-    out[b] = sampler_coefficients(alpha[now], prev >= 0 ? alpha[prev] : 1.0, now > 0, method, prediction, eta);
+    out[b] = sampler_coefficients(alpha[now], prev >= 0 ? alpha[prev] : 1.0, now > 0, method, prediction, eta,
+                                  variance);
   }
   return out;
 }
@@ -207,16 +249,21 @@ void sampler_step_into(const at::Tensor& x_t, const at::Tensor& model_output,
                        const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
                        std::string_view method, std::string_view prediction, double eta,
                        std::optional<double> guidance_scale, std::optional<double> clip_sample, at::Tensor& out,
-                       at::Tensor& x0) {
+                       at::Tensor& x0, std::string_view variance) {
   BIASFAST_CHECK_ARG(at::isFloatingType(x_t.scalar_type()), "x_t", "expected a floating dtype, got ",
                      x_t.scalar_type());
   BIASFAST_CHECK_ARG(x_t.dim() >= 1, "x_t", "expected a batch dimension");
-  check_like(model_output, x_t, "model_output");
-  check_like(uncond_output, x_t, "uncond_output");
-  check_like(noise, x_t, "noise");
+  const Variance v = parse_variance(variance);
+  const bool two_halves = v == Variance::LearnedRange;
+  BIASFAST_CHECK_ARG(!two_halves || x_t.dim() >= 2, "x_t", "learned_range needs a channel dimension (B, C, ...)");
+  std::vector<int64_t> model_sizes = x_t.sizes().vec();
+  if (two_halves) model_sizes[1] *= 2;
+  check_like(model_output, x_t, "model_output", model_sizes);
+  check_like(uncond_output, x_t, "uncond_output", model_sizes);
+  check_like(noise, x_t, "noise", x_t.sizes());
   const bool write_x0 = x0.numel() > 0;
   const auto check_output = [&](const at::Tensor& target, const char* name) {
-    check_like(target, x_t, name);
+    check_like(target, x_t, name, x_t.sizes());
     BIASFAST_CHECK_ARG(target.is_contiguous(), name, "expected a contiguous tensor");
     for (const at::Tensor* input : {&x_t, &model_output}) {
       BIASFAST_CHECK_ARG(at::get_overlap_status(target, *input) != at::MemOverlapStatus::Partial, name,
@@ -237,15 +284,16 @@ void sampler_step_into(const at::Tensor& x_t, const at::Tensor& model_output,
                      clip_sample.value_or(0));
 
   const int64_t batch = x_t.size(0);
-  const auto coefficients = per_sample_coefficients(t, t_prev, alphas_cumprod, m, p, eta, batch);
+  const auto coefficients = per_sample_coefficients(t, t_prev, alphas_cumprod, m, p, eta, v, batch);
   if (x_t.numel() == 0) return;
   const at::Tensor x = x_t.contiguous(), cond = model_output.contiguous();
   const at::Tensor uncond = uncond_output.has_value() ? uncond_output->contiguous() : at::Tensor();
   const at::Tensor z = noise.has_value() ? noise->contiguous() : at::Tensor();
-  const StepFlags flags{uncond.defined(), clip_sample.has_value(), z.defined(), write_x0};
+  const bool learned = two_halves && m == Method::DDPM;  // DDIM ignores a learned variance
+  const StepFlags flags{uncond.defined(), clip_sample.has_value(), z.defined(), write_x0, learned};
   const double scale = guidance_scale.value_or(1.0), clip = clip_sample.value_or(0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_cpu", [&] {
-    run_step<scalar_t>(x, cond, uncond, z, out, x0, coefficients, scale, clip, flags);
+    run_step<scalar_t>(x, cond, uncond, z, out, x0, coefficients, scale, clip, flags, two_halves);
   });
 }
 
@@ -271,11 +319,12 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x_t, const
                                                     const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
                                                     std::string_view method, std::string_view prediction, double eta,
                                                     std::optional<double> guidance_scale,
-                                                    std::optional<double> clip_sample, bool return_x0) {
+                                                    std::optional<double> clip_sample, bool return_x0,
+                                                    std::string_view variance) {
   at::Tensor out = empty_output(x_t);
   at::Tensor x0 = return_x0 ? empty_output(x_t) : at::empty({0}, x_t.options());
   sampler_step_into(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
-                    guidance_scale, clip_sample, out, x0);
+                    guidance_scale, clip_sample, out, x0, variance);
   return {out, x0};
 }
 
@@ -284,9 +333,9 @@ void sampler_step_out_cpu(const at::Tensor& x_t, const at::Tensor& model_output,
                           const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
                           std::string_view method, std::string_view prediction, double eta,
                           std::optional<double> guidance_scale, std::optional<double> clip_sample, at::Tensor out,
-                          at::Tensor x0_out) {
+                          at::Tensor x0_out, std::string_view variance) {
   sampler_step_into(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
-                    guidance_scale, clip_sample, out, x0_out);
+                    guidance_scale, clip_sample, out, x0_out, variance);
 }
 
 }  // namespace

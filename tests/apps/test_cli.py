@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from biasfast.apps.compare import QUICK_BUDGETS, parse_budgets
 from biasfast.apps.main import main
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -122,6 +123,14 @@ def test_bias_score_command(quick_run, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_sampling_budgets_parse():
+    assert parse_budgets("ddim10,dpmsolver++20,ddpm,ddpm100") == [
+        ("ddim10", "ddim", 10), ("dpmsolver++20", "dpmsolver++", 20), ("ddpm", "ddpm", None), ("ddpm100", "ddpm", 100)]
+    for bad in ("ddim", "euler10", "ddim0", "ddim1x", ""):
+        with pytest.raises(ValueError, match="budgets: cannot read"):
+            parse_budgets(bad)
+
+
 def test_sliced_wasserstein_is_exact_for_shifts():
     import torch
 
@@ -174,7 +183,17 @@ def test_weighting_comparison_over_seeds_resumes(tmp_path, capsys):
     paired = [table["debias"]["per_seed"][s]["test_loss"] - table["constant"]["per_seed"][s]["test_loss"]
               for s in ("1", "3")]
     assert table["debias"]["minus_constant"]["test_loss"]["mean"] == pytest.approx(np.mean(paired))
-    assert "paired by seed" in capsys.readouterr().out
+    # the final models re-sampled at every budget (--quick: DDIM 10, DPM-Solver++ 10, DDPM respaced to 20)
+    for budget in QUICK_BUDGETS.split(","):
+        fids = {name: [table[name]["per_seed"][s][f"fid@{budget}"] for s in ("1", "3")] for name in table}
+        assert all(np.isfinite(v).all() for v in fids.values())
+        assert table["debias"]["minus_constant"][f"fid@{budget}"]["mean"] == pytest.approx(
+            np.mean(np.subtract(fids["debias"], fids["constant"])))
+    budgets = {b: table["constant"]["per_seed"]["1"][f"fid@{b}"] for b in QUICK_BUDGETS.split(",")}
+    assert len(set(budgets.values())) == len(budgets)  # every sampler gave its own samples
+    assert os.path.getsize(os.path.join(out, "fid_vs_steps.png")) > 1000
+    printed = capsys.readouterr().out
+    assert "paired by seed" in printed and "dpmsolver++10" in printed and "paired FID by sampler" in printed
 
     # an interruption during the last run: its report and last checkpoint are gone; --resume finishes it
     last = os.path.join(out, "debias", "seed_1")
@@ -189,6 +208,12 @@ def test_weighting_comparison_over_seeds_resumes(tmp_path, capsys):
     assert "already holds a comparison" in capsys.readouterr().err
     assert main(["run", "--resume", out, "--steps", "10", "--no-progress"]) == 2
     assert "without run options" in capsys.readouterr().err
+    assert main(["run", "--quick", "--seeds", "1,2", "--budgets", "ddim,plms5", "--out", str(tmp_path / "p")]) == 2
+    assert "budgets: cannot read 'ddim'" in capsys.readouterr().err and not os.path.exists(tmp_path / "p")
+    assert main(["run", "--quick", "--seeds", "1,2", "--budgets", "ddim2000", "--out", str(tmp_path / "p")]) == 2
+    assert "more steps than the schedule's 1000" in capsys.readouterr().err
+    assert main(["run", "--quick", "--budgets", "ddim10", "--out", str(tmp_path / "p")]) == 2
+    assert "budgets: only used by a comparison" in capsys.readouterr().err
     assert main(["run", "--quick", "--seeds", "1,x", "--out", str(tmp_path / "s")]) == 2
     assert "seeds" in capsys.readouterr().err
     assert main(["run", "--quick", "--seed", "1", "--seeds", "1,2", "--out", str(tmp_path / "s")]) == 2

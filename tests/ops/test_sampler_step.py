@@ -41,11 +41,11 @@ def _inputs(dtype=torch.float32, shape=SHAPE, guided=True, seed=0):
     return x, cond, uncond if guided else None, noise, t, t_prev
 
 
-def _reference64(x, cond, uncond, noise, t, t_prev, method, prediction, eta, scale, clip):
+def _reference64(x, cond, uncond, noise, t, t_prev, method, prediction, eta, scale, clip, variance="fixed_small"):
     d = lambda v: None if v is None else v.double()  # noqa: E731
     return reference.sampler_step(d(x), d(cond), t, t_prev, SCHEDULE.alphas_cumprod, method=method,
                                   prediction=prediction, eta=eta, guidance_scale=scale, uncond_output=d(uncond),
-                                  noise=d(noise), clip_sample=clip)
+                                  noise=d(noise), clip_sample=clip, variance=variance)
 
 
 def _assert_relative(actual, expected, rtol):
@@ -141,6 +141,159 @@ def test_non_contiguous_inputs():
     out = step(xs, cs, t, t_prev, SCHEDULE, eta=1.0, guidance_scale=2.0, uncond_output=us, noise=zs)
     ref, _ = _reference64(xs, cs, us, zs, t, t_prev, "ddim", "epsilon", 1.0, 2.0, None)
     _assert_relative(out, ref, 1e-6)
+
+
+# ---- learned variance (guided-diffusion LEARNED_RANGE) ----
+
+def _learned_inputs(dtype=torch.float32, shape=SHAPE, guided=True, seed=1):
+    """x_t (B, C, ...) and model outputs (B, 2C, ...): prediction, then v, v a little past [−1, 1] (unclamped)."""
+    x, cond, uncond, noise, t, t_prev = _inputs(dtype, shape, guided, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    v = (2.4 * torch.rand(shape, generator=g) - 1.2).to(dtype)
+    with_v = lambda p: None if p is None else torch.cat([p, v if p is cond else -v], dim=1)  # noqa: E731
+    return x, with_v(cond), with_v(uncond), noise, t, t_prev
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("method,prediction,scale", COMBOS)
+def test_learned_variance_matches_float64_reference(implementation, method, prediction, scale):
+    eta = 0.0 if method == "ddpm" else 0.7
+    x, cond, uncond, noise, t, t_prev = _learned_inputs(guided=scale is not None)
+    x_prev, x0 = _op(implementation)(x, cond, uncond, noise, t, t_prev, SCHEDULE.table("cpu", torch.float64),
+                                     method, prediction, eta, scale, None, True, "learned_range")
+    ref_prev, ref_x0 = _reference64(x, cond, uncond, noise, t, t_prev, method, prediction, eta, scale, None,
+                                    "learned_range")
+    assert x_prev.shape == SHAPE
+    _assert_relative(x_prev, ref_prev, 1e-6)
+    _assert_relative(x0, ref_x0, 1e-6)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_learned_variance_moves_only_the_ddpm_noise(implementation):
+    # v = −1 gives the posterior variance β̃' (fixed_small), v = +1 the step's β'; DDIM never reads v.
+    x, cond, _, noise, t, t_prev = _inputs(guided=False)
+    table, op = SCHEDULE.table("cpu", torch.float64), _op(implementation)
+
+    def ddpm(v, variance="learned_range"):
+        output = cond if v is None else torch.cat([cond, torch.full_like(cond, v)], 1)
+        return op(x, output, None, noise, t, t_prev, table, "ddpm", "epsilon", 0.0, None, None, False,
+                  variance)[0].double()
+
+    fixed = ddpm(None, "fixed_small")
+    _assert_relative(ddpm(-1.0), fixed, 1e-6)
+    alpha = SCHEDULE.alphas_cumprod
+    prev = torch.where(t_prev >= 0, alpha[t_prev.clamp(min=0)], torch.ones(()))
+    beta = 1 - alpha[t] / prev
+    posterior = (1 - prev) / (1 - alpha[t]) * beta
+    gap = torch.where(t > 0, beta.sqrt() - posterior.sqrt(), torch.zeros(())).view(-1, 1, 1, 1)
+    _assert_relative(ddpm(1.0), fixed + gap * noise.double(), 1e-6)
+    ddim = op(x, cond, None, None, t, t_prev, table, "ddim", "epsilon", 0.0, None, None, False)[0]
+    ddim_v = op(x, torch.cat([cond, torch.randn_like(cond)], 1), None, None, t, t_prev, table, "ddim", "epsilon",
+                0.0, None, None, False, "learned_range")[0]
+    assert torch.equal(ddim_v, ddim)
+
+
+def _guided_diffusion_respaced(alphas_cumprod, use_timesteps):
+    """A float64 transcription of guided-diffusion's SpacedDiffusion.__init__ + GaussianDiffusion tables: the
+    respaced betas 1 − ᾱ_{s_i}/ᾱ_{s_{i−1}} and the posterior tables p_sample reads."""
+    kept = sorted(use_timesteps)
+    betas, last = [], 1.0
+    for i, alpha in enumerate(alphas_cumprod.tolist()):
+        if i in use_timesteps:
+            betas.append(1 - alpha / last)
+            last = alpha
+    betas = torch.tensor(betas, dtype=torch.float64)
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
+    return dict(
+        timestep_map=torch.tensor(kept),
+        sqrt_recip_alphas_cumprod=(1 / alphas_cumprod).sqrt(),
+        sqrt_recipm1_alphas_cumprod=(1 / alphas_cumprod - 1).sqrt(),
+        posterior_log_variance_clipped=torch.cat([posterior_variance[1:2], posterior_variance[1:]]).log(),
+        log_betas=betas.log(),
+        posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
+        posterior_mean_coef2=(1 - alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
+    )
+
+
+def _guided_diffusion_p_sample(tables, model_output, x, index, noise, clip_denoised=True):
+    """guided-diffusion p_mean_variance (EPSILON, LEARNED_RANGE) + p_sample at respaced indices `index` (B,)."""
+    view = lambda a: a[index].view(-1, *([1] * (x.dim() - 1)))  # noqa: E731
+    eps, v = model_output.split(x.shape[1], dim=1)
+    frac = (v + 1) / 2
+    log_variance = frac * view(tables["log_betas"]) + (1 - frac) * view(tables["posterior_log_variance_clipped"])
+    x0 = view(tables["sqrt_recip_alphas_cumprod"]) * x - view(tables["sqrt_recipm1_alphas_cumprod"]) * eps
+    if clip_denoised:
+        x0 = x0.clamp(-1, 1)
+    mean = view(tables["posterior_mean_coef1"]) * x0 + view(tables["posterior_mean_coef2"]) * x
+    nonzero = (index != 0).double().view(-1, *([1] * (x.dim() - 1)))
+    return mean + nonzero * torch.exp(0.5 * log_variance) * noise
+
+
+def _space_timesteps(num_timesteps, count):
+    """guided-diffusion space_timesteps(num_timesteps, [count]): one section, strides rounded."""
+    stride = (num_timesteps - 1) / (count - 1)
+    return {round(i * stride) for i in range(count)}
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("count", [10, 37])
+def test_respaced_learned_variance_step_equals_guided_diffusion(implementation, count):
+    use = _space_timesteps(1000, count)
+    tables = _guided_diffusion_respaced(SCHEDULE.alphas_cumprod, use)
+    kept = tables["timestep_map"]
+    g = torch.Generator().manual_seed(count)
+    index = torch.cat([torch.tensor([0, 1, count - 1]), torch.randint(0, count, (4,), generator=g)])
+    shape = (index.numel(), 3, 5, 7)
+    x, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    model_output = torch.cat([torch.randn(shape, generator=g), 2 * torch.rand(shape, generator=g) - 1], dim=1)
+    t, t_prev = kept[index], torch.where(index > 0, kept[(index - 1).clamp(min=0)], -1)
+    out = _op(implementation)(x, model_output, None, noise, t, t_prev, SCHEDULE.table("cpu", torch.float64),
+                              "ddpm", "epsilon", 0.0, None, 1.0, False, "learned_range")[0]
+    expected = _guided_diffusion_p_sample(tables, model_output.double(), x.double(), index, noise.double())
+    _assert_relative(out, expected, 1e-6)
+
+
+def test_learned_variance_loop_equals_guided_diffusion_p_sample_loop():
+    # guided-diffusion "ddim10" respacing = range(0, 1000, 100) = biasfast's leading spacing of 10 steps
+    def model(x, t, class_labels=None):  # a learned-variance model: ε̂, then v in (−1, 1)
+        scale = (t.to(x.dtype) / 1000).view(-1, 1, 1, 1)
+        return torch.cat([0.3 * x * scale, torch.tanh(x) * (1 - scale)], dim=1)
+
+    n, shape = 3, (2, 4, 5)
+    out = biasfast.sample(model, (n, *shape), SCHEDULE, steps=10, method="ddpm", variance="learned_range",
+                          clip_sample=1.0, seed=5, progress=False, dtype=torch.float64)
+    tables = _guided_diffusion_respaced(SCHEDULE.alphas_cumprod, set(range(0, 1000, 100)))
+    x = keyed_normal(5, range(n), 0, shape, torch.device("cpu"), torch.float64)
+    for k, index in enumerate(reversed(range(10))):
+        noise = keyed_normal(5, range(n), k + 1, shape, torch.device("cpu"), torch.float64)
+        indices = torch.full((n,), index)
+        x = _guided_diffusion_p_sample(tables, model(x, tables["timestep_map"][indices]), x, indices, noise)
+    _assert_relative(out, x, 1e-11)
+
+
+def test_learned_range_equals_diffusers_ddpm_scheduler():
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                        variance_type="learned_range", clip_sample=True)
+    scheduler.set_timesteps(25)
+    schedule = biasfast.NoiseSchedule(scheduler.alphas_cumprod)
+    g = torch.Generator().manual_seed(3)
+    x = ours = torch.randn(2, 3, 6, 5, generator=g)
+    theirs_noise, our_noise = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+
+    def model(sample):  # ε̂, then v = sin(3x) ∈ [−1, 1]
+        return torch.cat([0.4 * sample, torch.sin(3 * sample)], dim=1)
+
+    timesteps = scheduler.timesteps.tolist()
+    for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
+        x = scheduler.step(model(x), t, x, generator=theirs_noise).prev_sample
+        # diffusers draws its noise from the generator only where t > 0
+        noise = torch.randn(ours.shape, generator=our_noise) if t > 0 else torch.zeros_like(ours)
+        ours = step(ours, model(ours), t, t_prev, schedule, method="ddpm", variance="learned_range",
+                    clip_sample=1.0, noise=noise)
+    _assert_relative(ours, x.double(), 2e-5)
 
 
 # ---- loops ----
@@ -240,6 +393,28 @@ def test_opcheck(device, method, prediction, scale):
     torch.library.opcheck(torch.ops.biasfast.sampler_step.out, (*args, out, x0))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_opcheck_learned_variance(device, method):
+    x, cond, uncond, noise, t, t_prev = (None if v is None else v.to(device)
+                                        for v in _learned_inputs(shape=(3, 2, 5), guided=True))
+    args = (x, cond, uncond, noise, t, t_prev, SCHEDULE.table(device, torch.float64), method, "epsilon", 0.0, 2.0,
+            None)
+    torch.library.opcheck(torch.ops.biasfast.sampler_step.default, (*args, True, "learned_range"))
+    out, x0 = torch.empty_like(x), torch.empty_like(x)
+    torch.library.opcheck(torch.ops.biasfast.sampler_step.out, (*args, out, x0, "learned_range"))
+
+
+def test_torch_compile_fullgraph_learned_variance():
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def learned_step(x, output, noise, t, t_prev):
+        return step(x, output, t, t_prev, SCHEDULE, method="ddpm", noise=noise, variance="learned_range")
+
+    x, cond, _, noise, t, t_prev = _learned_inputs(guided=False)
+    ref, _ = _reference64(x, cond, None, noise, t, t_prev, "ddpm", "epsilon", 0.0, None, None, "learned_range")
+    _assert_relative(learned_step(x, cond, noise, t, t_prev), ref, 1e-6)
+
+
 def test_torch_compile_fullgraph():
     @torch.compile(fullgraph=True, backend="aot_eager")
     def guided_step(x, cond, uncond, noise, t, t_prev):
@@ -318,6 +493,11 @@ def _bad(**overrides):
         (dict(eta=1.5, noise=torch.ones(SHAPE)), ValueError, r"eta: expected a number in \[0, 1\]"),
         (dict(noise=torch.ones(SHAPE, dtype=torch.float64), eta=1.0), TypeError, "noise: dtype"),
         (dict(clip_sample=0.0), ValueError, "clip_sample: expected a positive"),
+        (dict(variance="learned"), ValueError, "variance: unknown 'learned'"),
+        (dict(variance="learned_range"), ValueError, r"model_output: shape \(6, 3, 7, 9\) does not match "
+                                                     r"\(6, 6, 7, 9\), x_t's with 2C channels"),
+        (dict(x_t=torch.ones(6), model_output=torch.ones(6), t=5, t_prev=1, variance="learned_range"), ValueError,
+         "x_t: a learned variance needs a channel dimension"),
         (dict(x_t=[1.0]), TypeError, "x_t: expected a torch.Tensor"),
         (dict(schedule="linear"), TypeError, "schedule: expected a biasfast.NoiseSchedule"),
     ],
@@ -337,6 +517,12 @@ def test_ops_reject_bad_input_too():
     with pytest.raises(ValueError, match="method"):
         torch.ops.biasfast.sampler_step(x, cond, None, noise, t, t_prev, table, "plms", "epsilon", 0.0, None, None,
                                         False)
+    with pytest.raises(ValueError, match="'variance': unknown 'learned'"):
+        torch.ops.biasfast.sampler_step(x, cond, None, noise, t, t_prev, table, "ddpm", "epsilon", 0.0, None, None,
+                                        False, "learned")
+    with pytest.raises(ValueError, match="'model_output': shape .* learned_range"):
+        torch.ops.biasfast.sampler_step(x, cond, None, noise, t, t_prev, table, "ddpm", "epsilon", 0.0, None, None,
+                                        False, "learned_range")
 
 
 @pytest.mark.parametrize(

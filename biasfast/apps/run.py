@@ -271,8 +271,9 @@ def summary_table(result: dict) -> str:
         pair = bias["pair_distance"]
         pair_mean = pair["mean"] if isinstance(pair, dict) else pair
         low, high = bias["score_ci"]
+        score = "undef." if bias["score"] is None else f"{bias['score']:.3f}"  # all ties: see score_undefined
         lines.append(f"{record['step']:>7} {record['train_loss']:>10.4f} {record['test_loss']:>10.4f} "
-                     f"{pair_mean:>10.4f} {bias['score']:>7.3f} [{low:>6.3f}, {high:>6.3f}] "
+                     f"{pair_mean:>10.4f} {score:>7} [{low:>6.3f}, {high:>6.3f}] "
                      f"{bias['memorized_fraction']:>6.3f}")
     lines.append(f"tau_bias (pair-distance minimum after the initial rise) = {result['tau_bias']}, tau_test (test-loss minimum) = "
                  f"{result['tau_test']}")

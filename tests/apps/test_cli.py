@@ -38,12 +38,22 @@ def quick_run(tmp_path_factory):
 
 def test_quick_run_writes_every_output(quick_run):
     out, stdout = quick_run
+    from biasfast.data import load_images, split_disjoint
+    from biasfast.metrics.bias import bias_score
+
     report = _report(out)
+    config = report["config"]
+    split = split_disjoint(load_images(None), config["n_train"], config["n_test"], seed=config["seed"])
     steps = [c["step"] for c in report["checkpoints"]]
     assert steps == sorted(steps) and steps[-1] == report["config"]["steps"] and len(steps) >= 3
     for record in report["checkpoints"]:
         assert np.isfinite(record["test_loss"]) and len(record["loss_bins_a"]) == report["config"]["eval_bins"]
-        assert -1 <= record["bias"]["score"] <= 1
+        # every stored bias record is bias_score of that checkpoint's stored samples, recomputed here
+        samples = torch.load(os.path.join(out, "samples", f"step_{record['step']:08d}.pt"), weights_only=True)
+        again = bias_score(samples["samples_a"], samples["samples_b"], split.train_a, split.train_b,
+                           metric="pearson", test=split.test)
+        assert json.loads(json.dumps(again.to_dict(per_sample=False))) == record["bias"]
+        assert again.n_ties < again.n_samples and -1 <= again.score <= 1
         assert os.path.isfile(os.path.join(out, "samples", f"step_{record['step']:08d}.png"))
     assert report["tau_test"] in steps and report["tau_bias"] in steps + [None]
     assert report["split"]["n_train_a"] == report["split"]["n_train_b"] == report["config"]["n_train"]

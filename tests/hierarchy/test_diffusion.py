@@ -122,13 +122,26 @@ def test_shared_noise_makes_paired_samples_identical_and_seeds_matter():
     assert first.shape == (64, 16) and first.dtype == torch.int64
 
 
-def test_denoise_from_small_t_with_bp_recovers_most_tokens():
+def test_bp_denoising_beats_the_noisy_argmax_where_it_is_far_from_perfect():
+    # t = 150 of 500: argmax of x_t recovers only ~half the tokens and its sequences are mostly ungrammatical.
+    # The exact posterior (BP) must do clearly better per token (Bayes-optimal marginals, observed +0.06..0.09
+    # over three noise draws on 4800 tokens, sd of the difference ~0.01), and the sampler driven by it must
+    # return grammatical sequences that keep far more of x0 than one driven by an uninformative estimate.
     model = small_model()
     diffusion = OneHotDiffusion(model.q)
     x0 = model.sample(300, generator=torch.Generator().manual_seed(1))
-    x_t = diffusion.noise(x0, 5, torch.Generator().manual_seed(2))
-    out = diffusion.denoise(x_t, 5, bp_estimate(model, diffusion), generator=torch.Generator().manual_seed(3))
-    assert overlap(out, x0).mean() > 0.97
+    t = 150
+    x_t = diffusion.noise(x0, t, torch.Generator().manual_seed(2))
+    noisy = overlap(x_t.argmax(-1), x0).mean()
+    assert 0.4 < noisy < 0.6
+    posterior = model.filtered_denoiser(x_t, float(diffusion.alpha_bar[t]), 0)
+    assert overlap(posterior.argmax(-1), x0).mean() > noisy + 0.04
+    sampled = diffusion.denoise(x_t, t, bp_estimate(model, diffusion), generator=torch.Generator().manual_seed(3))
+    blind = diffusion.denoise(x_t, t, lambda x, _: torch.full_like(x, 1 / model.q),
+                              generator=torch.Generator().manual_seed(3))
+    assert torch.isfinite(model.log_likelihood(sampled)).all()
+    assert torch.isfinite(model.log_likelihood(x_t.argmax(-1))).double().mean() < 0.3
+    assert overlap(sampled, x0).mean() > max(0.38, 2 * overlap(blind, x0).mean())
 
 
 # ---- network and training ----
@@ -334,9 +347,20 @@ def test_experiment_cli_writes_json_and_png(experiment, keys, tmp_path, shared_m
 
 @pytest.mark.gpu
 def test_experiment_cli_on_cuda_matches_the_cpu_reading(tmp_path, capsys):
-    assert main(["hierarchy", "loss-decomposition", "--out", str(tmp_path), "--device", "cuda"] + TINY_CLI) == 0
-    result = json.loads((tmp_path / "loss-decomposition.json").read_text())
-    assert result["epochs"] == [1, 2, 4] and all(math.isfinite(v) for v in result["curves"]["fixed_t/test/ce"]["mean"])
+    # Same seeds, same data and BP oracles on the CPU: the CUDA-trained pair gives the CPU's curves up to the
+    # float32 rounding of a different device (a few training epochs of a tiny network amplify it mildly).
+    curves = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        assert main(["hierarchy", "loss-decomposition", "--out", str(out), "--device", device] + TINY_CLI) == 0
+        result = json.loads((out / "loss-decomposition.json").read_text())
+        assert result["epochs"] == [1, 2, 4]
+        curves[device] = result["curves"]
+    assert curves["cpu"].keys() == curves["cuda"].keys()
+    for name, cpu in curves["cpu"].items():
+        cpu_mean, cuda_mean = torch.tensor(cpu["mean"]), torch.tensor(curves["cuda"][name]["mean"])
+        assert torch.isfinite(cuda_mean).all(), name
+        torch.testing.assert_close(cuda_mean, cpu_mean, rtol=5e-2, atol=1e-2, msg=name)
 
 
 # ---- bad input ----

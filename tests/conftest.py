@@ -1,4 +1,4 @@
-"""Test-wide set-up: Triton in interpreter mode without a GPU, seeded RNG, the gpu marker."""
+"""Test-wide set-up: Triton in interpreter mode without a GPU, seeded RNG, the gpu marker, hypothesis profiles."""
 
 import os
 
@@ -13,6 +13,22 @@ except ImportError:  # pragma: no cover
     _HAS_CUDA = False
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+from hypothesis import settings  # noqa: E402  (after TRITON_INTERPRET: hypothesis imports nothing of triton)
+
+# CI=true (.ci/run): derandomized, so a CI failure reproduces from the same examples on any machine; the blob
+# printed with a failure replays it exactly. Elsewhere hypothesis draws fresh examples each run (the header
+# says which profile ran; a failure prints its blob).
+settings.register_profile("ci", derandomize=True, print_blob=True, deadline=None)  # no timing flakes on CI
+settings.register_profile("dev", print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") == "true" else "dev")
+
+
+def pytest_report_header(config):
+    seed = config.getoption("hypothesis_seed", None)
+    how = "derandomized" if settings.default.derandomize else f"seed {seed if seed is not None else 'random'}"
+    return f"hypothesis profile: {settings._current_profile} ({how})"
 
 
 @pytest.fixture(autouse=True)

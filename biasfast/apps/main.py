@@ -53,17 +53,18 @@ def _explicit_options(args: argparse.Namespace) -> dict:
 
 
 def _run_one(config, out: str, args: argparse.Namespace, resume: bool) -> dict:
-    from biasfast._core.io import write_json_atomic
+    from biasfast._core.io import folder_lock, write_json_atomic
     from biasfast.apps.run import CONFIG_FILE, Experiment, prepare_output, summary_table
 
     if not resume and not args.overwrite:
         prepare_output(out, resume=False, overwrite=False)  # refuse an existing run before any slow set-up
     experiment = Experiment(config, out, device=args.device, progress=not args.no_progress)  # validates first
-    prepare_output(out, resume=resume, overwrite=args.overwrite)
-    if not resume:
-        write_json_atomic(config.to_dict(), os.path.join(out, CONFIG_FILE))
-    started = time.perf_counter()
-    result = experiment.run()
+    with folder_lock(out, "resume" if resume else "out"):  # a second run on `out` refuses, never interleaves
+        prepare_output(out, resume=resume, overwrite=args.overwrite)
+        if not resume:
+            write_json_atomic(config.to_dict(), os.path.join(out, CONFIG_FILE))
+        started = time.perf_counter()
+        result = experiment.run()
     print(f"\n== {config.weighting} weighting: {out}")
     print(summary_table(result))
     print(f"report: {os.path.join(out, 'report.json')}, curves: {os.path.join(out, 'curves.png')}, "
@@ -159,23 +160,24 @@ def _resume_plan(out: str, given: dict, args: argparse.Namespace) -> int:
 def _run_plan(plan: dict, out: str, args: argparse.Namespace, resume: bool) -> None:
     """Every (weighting, seed) run in <out>/<weighting>/seed_<seed>/, then the comparison. On resume, finished
     runs only rebuild their report, the interrupted one continues from its last checkpoint, the rest start."""
+    from biasfast._core.io import folder_lock, write_json_atomic
     from biasfast.apps.compare import SAMPLING_BUDGETS, compare_runs, comparison_table, plot_budgets
-    from biasfast._core.io import write_json_atomic
     from biasfast.apps.run import CONFIG_FILE, RunConfig
 
-    results: dict = {name: {} for name in plan["weightings"]}
-    dirs: dict = {name: {} for name in plan["weightings"]}
-    for name in plan["weightings"]:
-        for seed in plan["seeds"]:
-            run_dir = dirs[name][seed] = os.path.join(out, name, f"seed_{seed}")
-            started = os.path.isfile(os.path.join(run_dir, CONFIG_FILE))
-            results[name][seed] = _run_one(RunConfig(**plan["base"], weighting=name, seed=seed), run_dir, args,
-                                           resume=resume and started)
-    # plans written before budgets existed: the full set
-    table = compare_runs(results, dirs, RunConfig(**plan["base"]), cache_dir=out,
-                         budgets=plan.get("budgets", SAMPLING_BUDGETS))
-    write_json_atomic(table, os.path.join(out, "comparison.json"))
-    plot_budgets(table, os.path.join(out, "fid_vs_steps.png"), RunConfig(**plan["base"]).num_timesteps)
+    with folder_lock(out, "resume" if resume else "out"):  # the comparison is one process's, too
+        results: dict = {name: {} for name in plan["weightings"]}
+        dirs: dict = {name: {} for name in plan["weightings"]}
+        for name in plan["weightings"]:
+            for seed in plan["seeds"]:
+                run_dir = dirs[name][seed] = os.path.join(out, name, f"seed_{seed}")
+                started = os.path.isfile(os.path.join(run_dir, CONFIG_FILE))
+                results[name][seed] = _run_one(RunConfig(**plan["base"], weighting=name, seed=seed), run_dir, args,
+                                               resume=resume and started)
+        # plans written before budgets existed: the full set
+        table = compare_runs(results, dirs, RunConfig(**plan["base"]), cache_dir=out,
+                             budgets=plan.get("budgets", SAMPLING_BUDGETS))
+        write_json_atomic(table, os.path.join(out, "comparison.json"))
+        plot_budgets(table, os.path.join(out, "fid_vs_steps.png"), RunConfig(**plan["base"]).num_timesteps)
     print("\n== at equal iterations, mean ± std over seeds: sliced Wasserstein distance (pixel space) and FID "
           "(digit-classifier features) of the final samples to the test set, test loss, bias score; then the "
           "final models re-sampled at each sampling budget (fid_vs_steps.png)")
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileExistsError, ImportError) as exc:
+    except (ValueError, TypeError, OSError, ImportError) as exc:  # OSError: a failed write, a held lock
         print(f"biasfast {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

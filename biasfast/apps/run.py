@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -19,13 +21,15 @@ from biasfast._core.checks import check_device
 from biasfast.data import load_images, split_disjoint
 from biasfast.diffusion.models import MODEL_KINDS, build_model
 from biasfast.diffusion.schedules import NoiseSchedule
-from biasfast._core.io import load_checkpoint, save_atomic, write_json_atomic
+from biasfast._core.io import (CorruptCheckpointError, load_checkpoint, remove_stale_temporaries, save_atomic,
+                               write_json_atomic)
 from biasfast.diffusion.sampling import sample_coupled
 from biasfast.metrics.bias import bias_score
 from biasfast.diffusion.training import DenoisingEval, TrainConfig, Trainer, log_spaced_steps
 
 CONFIG_FILE, REPORT_FILE, CURVES_FILE = "config.json", "report.json", "curves.png"
 CHECKPOINT_DIR, SAMPLE_DIR = "checkpoints", "samples"
+CHECKPOINT_NAME = re.compile(r"step_\d{8}\.pt")  # never the ".step_*.tmp" of an interrupted write
 OUTPUTS = (CONFIG_FILE, REPORT_FILE, CURVES_FILE, "tracker.json", CHECKPOINT_DIR, SAMPLE_DIR)
 
 
@@ -146,13 +150,23 @@ class Experiment:
                      "trainers": [t.state_dict() for t in self.trainers]}, self._checkpoint_path(step))
 
     def _restore_last(self) -> None:
+        """Continue from the newest readable checkpoint; an unreadable one is reported by name and skipped (its
+        steps are trained again, with the same result)."""
         folder = os.path.join(self.out, CHECKPOINT_DIR)
-        names = sorted(n for n in os.listdir(folder) if n.startswith("step_")) if os.path.isdir(folder) else []
-        if not names:
+        for stale in (folder, os.path.join(self.out, SAMPLE_DIR)):
+            remove_stale_temporaries(stale)
+        names = sorted(n for n in os.listdir(folder) if CHECKPOINT_NAME.fullmatch(n)) if os.path.isdir(folder) else []
+        state = None
+        for name in reversed(names):
+            try:
+                state = load_checkpoint(os.path.join(folder, name))
+                break
+            except CorruptCheckpointError as exc:
+                warnings.warn(f"resume: {exc}; continuing from the checkpoint before it", stacklevel=2)
+        if state is None:
             return
-        state = load_checkpoint(os.path.join(folder, names[-1]))
         if state["config"] != self.config.to_dict():
-            raise ValueError(f"resume: checkpoint {names[-1]} was written by a different configuration")
+            raise ValueError(f"resume: checkpoint {name} was written by a different configuration")
         for trainer, trainer_state in zip(self.trainers, state["trainers"]):
             trainer.load_state_dict(trainer_state)
         self.history = list(state["history"])
@@ -185,7 +199,7 @@ class Experiment:
                 "test_loss_b": losses[1][0], "loss_bins_a": losses[0][1], "loss_bins_b": losses[1][1]}
 
     def _score(self, step: int):
-        samples = torch.load(self._sample_path(step, "pt"), map_location="cpu", weights_only=True)
+        samples = load_checkpoint(self._sample_path(step, "pt"))
         return bias_score(samples["samples_a"], samples["samples_b"], self.split.train_a,
                                    self.split.train_b, metric="pearson", test=self.split.test)
 
@@ -279,8 +293,9 @@ def summary_table(result: dict) -> str:
         pair = bias["pair_distance"]
         pair_mean = pair["mean"] if isinstance(pair, dict) else pair
         low, high = bias["score_ci"]
+        score = "undef." if bias["score"] is None else f"{bias['score']:.3f}"  # all ties: see score_undefined
         lines.append(f"{record['step']:>7} {record['train_loss']:>10.4f} {record['test_loss']:>10.4f} "
-                     f"{pair_mean:>10.4f} {bias['score']:>7.3f} [{low:>6.3f}, {high:>6.3f}] "
+                     f"{pair_mean:>10.4f} {score:>7} [{low:>6.3f}, {high:>6.3f}] "
                      f"{bias['memorized_fraction']:>6.3f}")
     lines.append(f"tau_bias (pair-distance minimum after the initial rise) = {result['tau_bias']}, tau_test (test-loss minimum) = "
                  f"{result['tau_test']}")

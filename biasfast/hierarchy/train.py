@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from biasfast._core.io import save_atomic, write_json_atomic
+from biasfast._core.io import (CorruptCheckpointError, folder_lock, load_checkpoint, remove_stale_temporaries,
+                               save_atomic, write_json_atomic)
 from biasfast._core.seeds import generator_for, seed_for
 from biasfast.hierarchy.denoiser import SequenceDenoiser
 from biasfast.hierarchy.diffusion import OneHotDiffusion
@@ -119,20 +121,31 @@ class PairTrainer:
         return all(os.path.isfile(self.checkpoint_path(n, self.config.epochs)) for n in NAMES)
 
     def train(self, progress: bool = True) -> None:
-        os.makedirs(self.folder, exist_ok=True)
-        path = os.path.join(self.folder, CONFIG_FILE)
-        if not os.path.isfile(path):
-            write_json_atomic(asdict(self.config), path)
-        for name in NAMES:
-            self._train_one(name, progress)
+        """Train both models to the end, resuming each from its state file; one process per folder at a time."""
+        with folder_lock(self.folder, "models"):
+            path = os.path.join(self.folder, CONFIG_FILE)
+            if not os.path.isfile(path):
+                write_json_atomic(asdict(self.config), path)
+            for name in NAMES:
+                remove_stale_temporaries(os.path.join(self.folder, name))
+                self._train_one(name, progress)
+
+    def _resume_state(self, name: str) -> dict | None:
+        """The saved training state of `name`; an unreadable one is reported by name and training restarts from
+        epoch 0 (the result is the same, only slower)."""
+        if not os.path.isfile(self._state_path(name)):
+            return None
+        try:
+            return load_checkpoint(self._state_path(name))
+        except CorruptCheckpointError as exc:
+            warnings.warn(f"models: {exc}; training model {name} again from the start", stacklevel=3)
+            return None
 
     def _train_one(self, name: str, progress: bool) -> None:
         config = self.config
-        state = None
-        if os.path.isfile(self._state_path(name)):
-            state = torch.load(self._state_path(name), map_location="cpu", weights_only=True)
-            if int(state["epoch"]) >= config.epochs:
-                return
+        state = self._resume_state(name)
+        if state is not None and int(state["epoch"]) >= config.epochs:
+            return
         network = config.network(name).to(self.device)
         optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -177,9 +190,9 @@ class PairTrainer:
     def weights(self, name: str, epoch: int) -> SequenceDenoiser:
         """Network `name` at checkpoint `epoch`, in eval mode, on the trainer's device."""
         network = self.config.network(name)
-        network.load_state_dict(torch.load(self.checkpoint_path(name, epoch), map_location="cpu", weights_only=True))
+        network.load_state_dict(load_checkpoint(self.checkpoint_path(name, epoch)))
         return network.to(self.device).eval().requires_grad_(False)
 
     def train_losses(self, name: str) -> list[float]:
         """Mean training loss of every epoch (the running loss at random t)."""
-        return list(torch.load(self._state_path(name), map_location="cpu", weights_only=True)["losses"])
+        return list(load_checkpoint(self._state_path(name))["losses"])

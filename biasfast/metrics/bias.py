@@ -22,7 +22,9 @@ from biasfast._core.constants import METRICS
 from biasfast.metrics.search import NearestDistances, SearchPlan, TrainingSet, nearest, searchable
 
 GAP_THRESHOLD = 1.0 / 3.0  # d1/d2 below this marks a memorized sample (Yoon et al.; Bonnaire et al.)
-NN_BINS = 20  # histogram bins of the NN divergence, as the paper's nn_divergence.py
+NN_BINS = 20
+ALL_TIES = ("every sample is exactly as near its own training set as the other one (all ties), so the score is "
+            "undefined")  # histogram bins of the NN divergence, as the paper's nn_divergence.py
 
 
 class PairDistance(NamedTuple):
@@ -49,6 +51,7 @@ class BiasReport:
     n_samples: int  # samples per model (pairs)
     metric: str
     n_ties: int  # samples with d_own == d_cross, left out of score, score_ci and p_value
+    score_undefined: str | None = None  # why score is NaN (all ties), None when it is a number
 
     def to_dict(self, per_sample: bool = True) -> dict[str, Any]:
         """JSON-ready dict (NaN becomes None); `per_sample=False` leaves out own_nn and cross_nn."""
@@ -63,6 +66,7 @@ class BiasReport:
             "n_samples": self.n_samples,
             "metric": self.metric,
             "n_ties": self.n_ties,
+            "score_undefined": self.score_undefined,
         }
         if per_sample:
             out["own_nn"] = self.own_nn.double().cpu().tolist()
@@ -73,8 +77,10 @@ class BiasReport:
         """A readable multi-line description."""
         low, high = self.score_ci
         pair = self.pair_distance
+        headline = (f"undefined: {self.score_undefined}" if self.score_undefined else
+                    f"{self.score:+.4f}  (95% CI {low:+.4f} … {high:+.4f}, p = {self.p_value:.3g})")
         lines = [
-            f"bias score        {self.score:+.4f}  (95% CI {low:+.4f} … {high:+.4f}, p = {self.p_value:.3g})",
+            f"bias score        {headline}",
             f"                  0 = unbiased, +1 = every sample nearer its own training set; {self.n_ties} ties",
             f"pair distance     mean {pair.mean:.4g}, median {pair.median:.4g}, sem {pair.sem:.2g} ({self.metric})",
             f"proximity gap     {self.proximity_gap:+.4f}  (mean(d_cross − d_own) / mean(d_cross))",
@@ -140,8 +146,7 @@ def _sign_statistics(own: torch.Tensor, cross: torch.Tensor) -> tuple[float, tup
     ties = own.numel() - wins - losses
     trials = wins + losses
     if trials == 0:
-        warnings.warn("bias_score: every sample is as near its own training set as the other one (all ties); "
-                      "the score is undefined (NaN)", stacklevel=3)
+        warnings.warn(f"bias_score: {ALL_TIES}", stacklevel=3)
         return math.nan, (-1.0, 1.0), 1.0, ties
     low, high = stats.wilson_interval(wins, trials)
     return 2 * wins / trials - 1, (2 * low - 1, 2 * high - 1), stats.binomial_test_half(wins, trials), ties
@@ -162,9 +167,15 @@ def _nn_divergence(generated: torch.Tensor, fresh: torch.Tensor, metric: str, fe
     return stats.sample_histogram_kl(generated, fresh, upper if upper > 0 else 1.0, bins)
 
 
-def _warn_overlap(hashes_a: torch.Tensor, hashes_b: torch.Tensor) -> None:
+def _check_overlap(hashes_a: torch.Tensor, hashes_b: torch.Tensor) -> None:
+    """A shared row is a warning; training sets of which one lies entirely inside the other are an error: every
+    sample would be as near one set as the other, so the score would measure nothing."""
     shared = torch.isin(hashes_b, hashes_a)
     count = int(shared.sum())
+    if count and (count == hashes_b.numel() or bool(torch.isin(hashes_a, hashes_b).all())):
+        raise ValueError(
+            f"train_a, train_b: the training sets overlap entirely ({count} of train_b's {hashes_b.numel()} rows "
+            f"are rows of train_a's {hashes_a.numel()}); the bias score needs two disjoint training sets")
     if count:
         first = int(shared.nonzero()[0, 0])
         warnings.warn(
@@ -237,7 +248,7 @@ def bias_score(
         if near.rows < 2:
             raise ValueError(f"{name}: needs at least 2 training rows (the gap ratio uses the two nearest), "
                              f"got {near.rows}")
-    _warn_overlap(near_a.hashes, near_b.hashes)
+    _check_overlap(near_a.hashes, near_b.hashes)
 
     own = torch.stack([near_a.metric[:n, 0], near_b.metric[n : 2 * n, 0]])
     cross = torch.stack([near_b.metric[:n, 0], near_a.metric[n : 2 * n, 0]])
@@ -264,4 +275,5 @@ def bias_score(
         n_samples=n,
         metric=metric,
         n_ties=ties,
+        score_undefined=ALL_TIES if math.isnan(score) else None,
     )

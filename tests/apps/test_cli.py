@@ -1,11 +1,13 @@
 """`biasfast run` end to end (--quick), SIGKILL + --resume equals an uninterrupted run, bad input, bias-score."""
 
+import errno
 import json
 import os
-import signal
+import re
+import shutil
+import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import torch
 from biasfast.apps.compare import QUICK_BUDGETS, parse_budgets
 from biasfast.apps.main import main
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+from tests.apps.interrupted import ENV, kill, start_biasfast, wait_for
 
 
 def _cli(*args, **kwargs):
@@ -37,12 +39,22 @@ def quick_run(tmp_path_factory):
 
 def test_quick_run_writes_every_output(quick_run):
     out, stdout = quick_run
+    from biasfast.data import load_images, split_disjoint
+    from biasfast.metrics.bias import bias_score
+
     report = _report(out)
+    config = report["config"]
+    split = split_disjoint(load_images(None), config["n_train"], config["n_test"], seed=config["seed"])
     steps = [c["step"] for c in report["checkpoints"]]
     assert steps == sorted(steps) and steps[-1] == report["config"]["steps"] and len(steps) >= 3
     for record in report["checkpoints"]:
         assert np.isfinite(record["test_loss"]) and len(record["loss_bins_a"]) == report["config"]["eval_bins"]
-        assert -1 <= record["bias"]["score"] <= 1
+        # every stored bias record is bias_score of that checkpoint's stored samples, recomputed here
+        samples = torch.load(os.path.join(out, "samples", f"step_{record['step']:08d}.pt"), weights_only=True)
+        again = bias_score(samples["samples_a"], samples["samples_b"], split.train_a, split.train_b,
+                           metric="pearson", test=split.test)
+        assert json.loads(json.dumps(again.to_dict(per_sample=False))) == record["bias"]
+        assert again.n_ties < again.n_samples and -1 <= again.score <= 1
         assert os.path.isfile(os.path.join(out, "samples", f"step_{record['step']:08d}.png"))
     assert report["tau_test"] in steps and report["tau_bias"] in steps + [None]
     assert report["split"]["n_train_a"] == report["split"]["n_train_b"] == report["config"]["n_train"]
@@ -56,23 +68,143 @@ def test_existing_output_needs_overwrite(quick_run, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_sigkill_then_resume_equals_uninterrupted(quick_run, tmp_path):
+def _start(out, *hook):
+    """`biasfast run` in a subprocess: plain, or stopping at a hook of tests/apps/interrupted.py."""
+    argv = ["run", "--resume", out] if os.path.isfile(os.path.join(out, "config.json")) else ["run", "--quick",
+                                                                                              "--out", out]
+    return start_biasfast([*argv, "--no-progress"], *hook)
+
+
+def _checkpoints(out):
+    folder = os.path.join(out, "checkpoints")
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def _report_bytes(folder):
+    with open(os.path.join(folder, "report.json"), "rb") as f:
+        return f.read()
+
+
+def test_sigkill_at_three_points_then_resume_equals_uninterrupted(quick_run, tmp_path, capsys):
+    """Killed after the first complete checkpoint, halfway through writing a checkpoint, inside sampling: each
+    resume continues from the last complete checkpoint, and the final report is the uninterrupted run's, byte
+    for byte (it holds no wall times)."""
+    from biasfast._core.io import LOCK_FILE, load_checkpoint
+
     reference, _ = quick_run
     out = str(tmp_path / "killed")
-    process = subprocess.Popen([sys.executable, "-m", "biasfast", "run", "--quick", "--out", out, "--no-progress"],
-                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = os.path.join(out, "checkpoints")
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if os.path.isdir(checkpoints) and any(n.endswith(".pt") for n in os.listdir(checkpoints)):
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    first = os.path.join(out, "checkpoints", "step_00000010.pt")
+    process = _start(out)
+    wait_for(process, lambda: os.path.isfile(first), "the first checkpoint")
+    kill(process)
+    assert load_checkpoint(first)["step"] == 10  # complete, under its final name
+    kept = os.stat(first).st_ino  # a resume that restarted from scratch would replace it (same bytes, new file)
     assert not os.path.exists(os.path.join(out, "report.json"))
-    result = _cli("run", "--resume", out, "--no-progress")
-    assert result.returncode == 0, result.stderr
-    assert _report(out) == _report(reference)
+    assert os.path.isfile(os.path.join(out, LOCK_FILE))  # left by the killed run: stale, taken over below
+
+    marker = str(tmp_path / "writing")
+    process = _start(out, "write:checkpoints/step_:1", marker)
+    wait_for(process, lambda: os.path.isfile(marker), "a checkpoint write")
+    temporary = [n for n in _checkpoints(out) if n.endswith(".tmp")]
+    assert len(temporary) == 1 and temporary[0].startswith(".step_"), _checkpoints(out)
+    # while it runs, a second process on the same folder refuses and writes nothing
+    before = _checkpoints(out)
+    assert main(["run", "--resume", out, "--no-progress"]) == 2
+    assert f"in use by another biasfast process (pid {process.pid}" in capsys.readouterr().err
+    assert _checkpoints(out) == before
+    kill(process)
+
+    marker = str(tmp_path / "sampling")
+    process = _start(out, "sampling:1", marker)
+    wait_for(process, lambda: os.path.isfile(marker), "sampling")
+    assert not any(n.endswith(".tmp") for n in _checkpoints(out))  # the interrupted write's leftovers are gone
+    kill(process)
+
+    assert main(["run", "--resume", out, "--no-progress"]) == 0  # in-process: one interpreter start less
+    assert _report_bytes(out) == _report_bytes(reference)
+    assert _checkpoints(out) == _checkpoints(reference) and not os.path.exists(os.path.join(out, LOCK_FILE))
+    assert os.stat(first).st_ino == kept
+
+
+def test_a_corrupted_checkpoint_is_named_and_resume_uses_the_one_before(quick_run, tmp_path):
+    from biasfast._core.io import CorruptCheckpointError, load_checkpoint
+
+    reference, _ = quick_run
+    out = str(tmp_path / "corrupt")
+    shutil.copytree(reference, out)
+    os.unlink(os.path.join(out, "report.json"))
+    last = os.path.join(out, "checkpoints", "step_00000060.pt")
+    with open(last, "r+b") as f:
+        f.truncate(os.path.getsize(last) // 2)
+    with pytest.raises(CorruptCheckpointError, match=re.escape(repr(last)) + " is truncated or corrupted"):
+        load_checkpoint(last)
+    with pytest.warns(UserWarning, match=r"step_00000060\.pt' is truncated or corrupted.*checkpoint before it"):
+        assert main(["run", "--resume", out, "--no-progress"]) == 0
+    assert _report_bytes(out) == _report_bytes(reference)
+    assert load_checkpoint(last)["step"] == 60  # trained again and rewritten
+
+
+def _failing_writes(monkeypatch, fails):
+    """Patch the atomic writer so that writing a file for which `fails(path)` is true runs out of disk space
+    halfway through."""
+    import biasfast._core.io as atomic
+
+    real = atomic.write_atomically
+
+    def write_atomically(path, write, mode="w"):
+        if not fails(str(path)):
+            return real(path, write, mode)
+
+        def disk_full(stream):
+            stream.write(b"partial" if "b" in mode else "partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        return real(path, disk_full, mode)
+
+    monkeypatch.setattr(atomic, "write_atomically", write_atomically)
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint_and_report(quick_run, tmp_path, monkeypatch, capsys):
+    from biasfast._core.io import load_checkpoint
+
+    reference, _ = quick_run
+    out = str(tmp_path / "full")
+    _failing_writes(monkeypatch, lambda path: path.endswith("step_00000024.pt") and "checkpoints" in path)
+    assert main(["run", "--quick", "--out", out, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "step_00000024.pt" in err and "No space left on device" in err
+    assert _checkpoints(out) == ["step_00000010.pt"]  # no temporary left, the previous checkpoint readable
+    assert load_checkpoint(os.path.join(out, "checkpoints", "step_00000010.pt"))["step"] == 10
+
+    finished = str(tmp_path / "finished")
+    shutil.copytree(reference, finished)
+    _failing_writes(monkeypatch, lambda path: path.endswith("report.json"))
+    assert main(["run", "--resume", finished, "--no-progress"]) == 2  # rebuilding the report fails
+    assert "report.json" in capsys.readouterr().err
+    assert _report_bytes(finished) == _report_bytes(reference)
+    monkeypatch.undo()
+    assert main(["run", "--resume", out, "--no-progress"]) == 0  # the disk has room again
+    assert _report_bytes(out) == _report_bytes(reference)
+
+
+def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(tmp_path):
+    from biasfast._core.io import LOCK_FILE, folder_lock
+
+    folder = tmp_path / "held"
+    with folder_lock(folder):
+        with pytest.raises(FileExistsError, match=rf"out: .*held' is in use by another biasfast process \(pid "
+                                                   rf"{os.getpid()}"):
+            with folder_lock(folder):
+                pass
+        assert (folder / LOCK_FILE).is_file()
+    assert not (folder / LOCK_FILE).exists()  # released on exit
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (folder / LOCK_FILE).write_text(f"{int(gone.stdout)} {socket.gethostname()}")
+    with folder_lock(folder):  # its process has exited: stale
+        assert (folder / LOCK_FILE).read_text().startswith(str(os.getpid()))
+    with pytest.raises(RuntimeError), folder_lock(folder):
+        raise RuntimeError("a failing run")
+    assert not (folder / LOCK_FILE).exists()  # released on an exception too
 
 
 def test_resume_rejects_a_different_configuration(quick_run, capsys):

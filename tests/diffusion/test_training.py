@@ -116,10 +116,31 @@ def test_v_and_sample_targets():
 
 
 def test_class_conditional_training_with_label_dropout():
-    model = build_model("unet", base_channels=8, num_classes=3, seed=0)
+    """The first step's loss is the ε-MSE of the model given the batch's labels, each replaced by the null class
+    with the dropout probability, all drawn from the step's generator; other labels give another loss."""
+    from biasfast.diffusion.models import drop_labels
+
     labels = torch.arange(37) % 3
-    trainer = Trainer(model, _images(), SCHEDULE, TrainConfig(batch_size=8, label_dropout=0.2), labels=labels)
-    assert torch.isfinite(torch.tensor(trainer.train_step()))
+
+    def first_loss(labels, dropout):
+        model = build_model("unet", base_channels=8, num_classes=3, seed=0)
+        trainer = Trainer(model, _images(), SCHEDULE, TrainConfig(batch_size=8, label_dropout=dropout, seed=1),
+                          labels=labels)
+        return trainer, trainer.train_step()
+
+    trainer, loss = first_loss(labels, 0.2)
+    g = generator_for(1, "step", 0)
+    index = trainer._batch_indices(0)
+    t = torch.randint(0, 1000, (8,), generator=g)
+    noise = torch.randn(8, 1, 8, 8, generator=g)
+    dropped = drop_labels(labels[index], 0.2, 3, g)
+    ab = SCHEDULE.alphas_cumprod.float()[t].view(-1, 1, 1, 1)
+    model = build_model("unet", base_channels=8, num_classes=3, seed=0).train()
+    pred = model(ab.sqrt() * _images()[index] + (1 - ab).sqrt() * noise, t, dropped)
+    assert loss == pytest.approx((pred - noise).square().mean().item(), rel=1e-5)
+    assert first_loss((labels + 1) % 3, 0.0)[1] != pytest.approx(first_loss(labels, 0.0)[1], rel=1e-6)
+    assert torch.equal(drop_labels(labels, 1.0, 3), torch.full_like(labels, 3))  # p = 1: all null
+    assert torch.equal(drop_labels(labels, 0.0, 3), labels)
     with pytest.raises(ValueError, match="num_classes"):
         Trainer(build_model("mlp", hidden=8), _images(), SCHEDULE, TrainConfig(), labels=labels)
 

@@ -431,3 +431,28 @@ def test_sharded_training_sets_give_the_single_process_report_and_failures_reach
     assert "contains NaN or Inf (first bad row 2)" in rank1["poisoned"]["message"]
     assert rank1["poisoned"]["message"].startswith("train_b")
     assert rank0["poisoned"]["error"] == "RuntimeError" and "failed on rank(s) [1]" in rank0["poisoned"]["message"]
+
+
+def test_training_sets_that_overlap_entirely_are_an_error():
+    samples_a, samples_b, train_a, train_b, _ = _random_problem("l2", 9, 20, (5,), seed=8)
+    with pytest.raises(ValueError, match=r"train_a, train_b: .*overlap entirely \(20 of train_b's 20 rows"):
+        biasfast.bias_score(samples_a, samples_b, train_a, train_a.clone(), metric="l2")
+    with pytest.raises(ValueError, match=r"overlap entirely \(7 of train_b's 7 rows are rows of train_a's 20\)"):
+        biasfast.bias_score(samples_a, samples_b, train_a, train_a[3:10], metric="l2")  # B inside A
+    with pytest.raises(ValueError, match=r"overlap entirely \(6 of train_b's 20 rows"):
+        biasfast.bias_score(samples_a, samples_b, train_a[:6], torch.cat([train_b[:14], train_a[:6]]), metric="l2")
+
+
+def test_all_ties_give_a_reason_instead_of_a_bare_nan():
+    samples_a, samples_b, train_a, train_b, _ = _random_problem("l2", 9, 20, (5,), seed=8)
+    train_b[4] = train_a[2]  # one shared row, copied by every sample: d_own == d_cross everywhere
+    samples_a[:], samples_b[:] = train_a[2], train_a[2]
+    with pytest.warns(UserWarning, match="all ties"):
+        report = biasfast.bias_score(samples_a, samples_b, train_a, train_b, metric="l2")
+    assert report.n_ties == 18 and math.isnan(report.score)
+    assert "all ties" in report.score_undefined
+    data = report.to_dict()
+    assert data["score"] is None and "all ties" in data["score_undefined"]
+    assert "undefined: every sample" in report.summary() and "nan" not in report.summary().split("\n")[0]
+    defined = biasfast.bias_score(*_random_problem("l2", 9, 20, (5,), seed=8)[:4], metric="l2")
+    assert defined.score_undefined is None and defined.to_dict()["score_undefined"] is None

@@ -11,11 +11,14 @@ from biasfast.ops import reference
 
 FLOAT_METRICS = ["l2", "sqeuclidean", "cosine", "pearson"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-RTOL = 1e-6  # distances of float32 results against the float64 brute force (the issue's bound)
+RTOL = 1e-6  # distances of float32 results against the float64 brute force
+RTOL64 = 1e-12  # float64 results: only float64 rounding separates kernel and brute force
 
 
 def assert_exact_knn(dist, index, query, ref, k, metric, exclude_self=False):
-    """Neighbour sets equal the float64 brute force up to genuine ties; distances within RTOL; ties to lower index."""
+    """Neighbour sets equal the float64 brute force up to genuine ties; distances within RTOL (RTOL64 for float64
+    results); ties to lower index."""
+    rtol = RTOL64 if dist.dtype == torch.float64 else RTOL
     q64 = query.reshape(query.shape[0], -1)
     r64 = ref.reshape(ref.shape[0], -1)
     q64, r64 = (q64.double(), r64.double()) if metric != "hamming" else (q64, r64)
@@ -27,10 +30,10 @@ def assert_exact_knn(dist, index, query, ref, k, metric, exclude_self=False):
     expected = full.sort(dim=1).values[:, :k]
     assert dist.shape == index.shape == (query.shape[0], k)
     assert index.dtype == torch.int64
-    torch.testing.assert_close(dist.double(), expected.double(), rtol=RTOL, atol=1e-12)
+    torch.testing.assert_close(dist.double(), expected.double(), rtol=rtol, atol=1e-12)
     assert torch.all(dist[:, 1:] >= dist[:, :-1]), "distances must be sorted ascending"
     true_of_returned = full.gather(1, index)
-    torch.testing.assert_close(true_of_returned, dist.double(), rtol=RTOL, atol=1e-12)
+    torch.testing.assert_close(true_of_returned, dist.double(), rtol=rtol, atol=1e-12)
     _, group_of = torch.unique(r64, dim=0, return_inverse=True)
     groups: dict[int, list[int]] = {}
     for j, g in enumerate(group_of.tolist()):
@@ -39,7 +42,7 @@ def assert_exact_knn(dist, index, query, ref, k, metric, exclude_self=False):
         chosen = set(index[row].tolist())
         assert len(chosen) == k, "indices must be distinct"
         kth = float(expected[row, -1])
-        better = (full[row] < kth * (1 - 2 * RTOL) - 1e-12).nonzero().flatten().tolist()
+        better = (full[row] < kth * (1 - 2 * rtol) - 1e-12).nonzero().flatten().tolist()
         assert set(better) <= chosen, f"row {row}: missed a strictly nearer reference"
         # Ties between identical references (exact duplicates) go to the lower index.
         for j in chosen:
@@ -219,6 +222,31 @@ def test_numpy_memmap_and_leading_shapes(tmp_path):
     assert_exact_knn(dist, index, query, torch.from_numpy(images), 2, "l2")
     streamed = biasfast.knn(query, (ref[i : i + 16] for i in range(0, 50, 16)), k=2)
     assert torch.equal(streamed[1], index)
+
+
+@pytest.mark.parametrize("metric", FLOAT_METRICS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_distinct_rows_at_equal_distance_go_to_the_lower_index(metric, dtype):
+    # Balanced ±1 rows of 16 values: q, tied rows that swap one +1 and one −1 of q (Hamming distance 2, so one
+    # distance under every float metric), and farther rows (random balanced rows at Hamming distance ≥ 4). Means
+    # are 0 and norms 4, so every dtype and any summation order gives the tied rows bit-identical distances.
+    # They sit at scattered indices; the k nearest must be the k lowest indices of the tied group, in order.
+    g = torch.Generator().manual_seed(2)
+    base = torch.tensor([1.0] * 8 + [-1.0] * 8)
+    query = base.repeat(3, 1)
+    ref = -base.repeat(37, 1)  # Hamming distance 16 from q
+    for row in range(37):
+        candidate = base[torch.randperm(16, generator=g)]
+        if candidate.ne(base).sum() >= 4:
+            ref[row] = candidate
+    tied_at = [19, 4, 11, 30, 7, 23, 15]
+    for i, row in enumerate(tied_at):
+        ref[row] = base
+        ref[row, i], ref[row, 8 + (3 * i) % 8] = -1, 1
+    for k in (1, 3, len(tied_at)):
+        dist, index = biasfast.knn(query.to(dtype), ref.to(dtype), k=k, metric=metric)
+        assert index.tolist() == [sorted(tied_at)[:k]] * 3, (k, dist)
+        assert torch.all(dist == dist[0, 0])
 
 
 def test_non_contiguous_and_mixed_dtypes():

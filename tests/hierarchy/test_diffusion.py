@@ -174,7 +174,7 @@ def test_training_resumes_bit_identically(tmp_path, monkeypatch):
         real_save(obj, path)
         saves.append(path)
         if path.endswith("state.pt"):
-            raise KeyboardInterrupt  # killed right after the epoch-2 state of model A reached the disk
+            raise KeyboardInterrupt  # killed right after the epoch-2 state of the pair reached the disk
 
     monkeypatch.setattr(train_module, "save_atomic", crash_after_first_state)
     with pytest.raises(KeyboardInterrupt):

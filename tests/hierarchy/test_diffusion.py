@@ -347,7 +347,7 @@ def _parsed(*flags):
 
 def test_mechanism_preset_is_the_default_and_the_paper_grammar_stays_available():
     pair, _ = hierarchy_app._configs(_parsed())
-    assert (pair.q, pair.depth, pair.q_eff, pair.n_train, pair.width, pair.epochs) == (4, 3, 2, 64, 32, 3000)
+    assert (pair.q, pair.depth, pair.q_eff, pair.n_train, pair.width, pair.epochs) == (4, 3, 2, 64, 32, 6000)
     assert hierarchy_app._configs(_parsed("--preset", "mechanism"))[0] == pair
     paper_grammar, evaluation = hierarchy_app._configs(_parsed("--preset", "paper-grammar", "--epochs", "7"))
     assert paper_grammar == PairConfig(epochs=7)  # the paper's grammar at the former CPU sizes, flags on top
@@ -366,7 +366,7 @@ def test_mechanism_preset_runs_end_to_end_on_a_tiny_schedule(tmp_path, capsys):
         assert main(["hierarchy", experiment, "--out", str(tmp_path)] + tiny) == 0
         result = json.loads((tmp_path / f"{experiment}.json").read_text())
         assert {k: result["pair"][k] for k in ("q", "depth", "q_eff", "n_train", "width", "lr")} == \
-            dict(q=4, depth=3, q_eff=2, n_train=64, width=32, lr=2e-3)
+            dict(q=4, depth=3, q_eff=2, n_train=64, width=32, lr=3e-3)
         assert result["epochs"] == [2, 3, 6]
     assert len(result["curves"]["fixed_t/train/excess"]["mean"]) == 3
     assert "reused the pair" in capsys.readouterr().out  # the second experiment evaluated the first one's pair

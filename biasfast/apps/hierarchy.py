@@ -1,8 +1,11 @@
 """`biasfast hierarchy <experiment>`: train (or reuse) the sample-split pair, run one experiment, write JSON + PNG.
 
 The trained pair lives in `--models` (default OUT/models) and is reused by every experiment with the same pair
-settings, so the first experiment pays for training and the others only evaluate. Defaults are CPU-sized;
-`--paper-sizes` switches to the paper's (n = 5000, 20k epochs, width 512, 8 layers, paper evaluation sizes).
+settings, so the first experiment pays for training and the others only evaluate. The default `--preset mechanism`
+is the small grammar and training found by `benchmarks/hierarchy_sweep.py` (see benchmarks/HIERARCHY.md) on which
+the first step of coarse-to-fine learning shows within minutes of one CPU core; `--preset paper-grammar` is the
+paper's grammar at CPU sizes; `--paper-sizes` switches to the paper's grammar and sizes (n = 5000, 20k epochs, width 512, 8 layers, paper
+evaluation sizes).
 """
 
 from __future__ import annotations
@@ -24,6 +27,16 @@ PAPER_EVAL = {"sequential": dict(n_eval=3000, reps=5), "nn-divergence": dict(n_e
               "loss-decomposition": dict(n_eval=5000), "uturn": dict(n_eval=1000, reps=100)}
 CPU_EVAL = {"sequential": {}, "nn-divergence": {}, "loss-decomposition": {}, "uturn": dict(n_eval=128, reps=2,
                                                                                         max_epochs=6)}
+# (pair settings over PairConfig's defaults, evaluation settings per experiment); PairConfig's defaults are the
+# paper's grammar q = 6, depth 4, sigma 1, q_eff = 4
+PRESETS = {
+    # 8 leaves over 4 symbols with 2 productions each: the one grammar of the sweep (benchmarks/HIERARCHY.md) on
+    # which a width-32 network leaves the most factorised oracle and KL(A || B) dips before the test proxy within
+    # 6000 full-batch steps (about 1.5 min of CPU)
+    "mechanism": (dict(q=4, depth=3, q_eff=2, n_train=64, batch_size=64, width=32, layers=2, lr=3e-3, epochs=6000,
+                       checkpoints=12, first_checkpoint=50), {name: {} for name in CPU_EVAL}),
+    "paper-grammar": ({}, CPU_EVAL),
+}
 PAIR_FLAGS = {"n_train": int, "epochs": int, "checkpoints": int, "first_checkpoint": int, "width": int, "layers": int,
               "batch_size": int, "lr": float, "q": int, "depth": int, "sigma": float, "q_eff": int, "data_seed": int}
 EVAL_FLAGS = {"n_eval": int, "reps": int, "sample_steps": int, "max_epochs": int}
@@ -43,7 +56,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("experiment", choices=EXPERIMENTS)
     p.add_argument("--out", default=os.path.join("runs", "hierarchy"), help="where <experiment>.json/.png go")
     p.add_argument("--models", default=None, help="folder of the trained pair, reused when present (default OUT/models)")
-    p.add_argument("--paper-sizes", action="store_true", help="the paper's training and evaluation sizes (GPU-scale)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="pair and evaluation settings the flags start from (default mechanism: a small grammar on "
+                        "which the mechanism shows on a CPU; paper-grammar: the paper's grammar at CPU sizes)")
+    p.add_argument("--paper-sizes", action="store_true", help="the paper's grammar, training and evaluation sizes "
+                   "(GPU-scale)")
     for name, kind in {**PAIR_FLAGS, **EVAL_FLAGS}.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=HELP[name])
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, training noise and evaluations")
@@ -57,8 +74,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _configs(args: argparse.Namespace) -> tuple[PairConfig, EvalConfig]:
-    pair = dict(PAPER_PAIR) if args.paper_sizes else {}
-    evaluation = dict((PAPER_EVAL if args.paper_sizes else CPU_EVAL)[args.experiment])
+    if args.paper_sizes and args.preset is not None:
+        raise ValueError(f"--preset: {args.preset!r} cannot be combined with --paper-sizes (which sets every size)")
+    if args.paper_sizes:
+        pair, evaluation = dict(PAPER_PAIR), dict(PAPER_EVAL[args.experiment])
+    else:
+        preset_pair, preset_eval = PRESETS[args.preset or "mechanism"]
+        pair, evaluation = dict(preset_pair), dict(preset_eval[args.experiment])
     pair.update({k: getattr(args, k) for k in PAIR_FLAGS if getattr(args, k) is not None})
     evaluation.update({k: getattr(args, k) for k in EVAL_FLAGS if getattr(args, k) is not None})
     for name in EVAL_FLAGS:

@@ -41,5 +41,5 @@ class SequenceDenoiser(nn.Module):
         if x_t.dim() != 3 or tuple(x_t.shape[1:]) != (self.length, self.q):
             raise ValueError(f"x_t: expected shape (batch, {self.length}, {self.q}), got {tuple(x_t.shape)}")
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
-        time = self.time(timestep_embedding(t, TIME_FEATURES))[:, None, :]
+        time = self.time(timestep_embedding(t, TIME_FEATURES).to(x_t.dtype))[:, None, :]
         return self.head(self.encoder(self.embed(x_t) + self.position + time))

@@ -136,7 +136,8 @@ def nn_divergence(trainer: PairTrainer, config: EvalConfig, progress: bool = Tru
         t = diffusion.random_timesteps(len(x0), generator)
         loss_inputs[name] = (x0, t, diffusion.noise(x0, t, generator))
     steps = config.sample_steps or None
-    curves = {"nn_divergence": [], "train_loss": [], "test_loss": [], "copy_fraction": [], "nn_distance_gap": []}
+    curves = {"nn_divergence": [], "train_loss": [], "test_loss": [], "copy_fraction": [], "nn_distance_gap": [],
+              "nn_distance_gap_se": []}
     histograms = []
     for epoch in tqdm(epochs, desc="nn-divergence", disable=not progress, leave=False):
         network = trainer.weights("A", epoch)
@@ -150,6 +151,8 @@ def nn_divergence(trainer: PairTrainer, config: EvalConfig, progress: bool = Tru
         # signed: < 0 when samples sit closer to the training set than fresh data do (the paper's proximity bias),
         # > 0 when they are farther (samples not yet as good as data); the KL alone cannot tell these apart
         curves["nn_distance_gap"].append(float(gen_nn.double().mean() - fresh_nn.double().mean()))
+        gap_se = (mean_se(gen_nn.double())[1] ** 2 + mean_se(fresh_nn.double())[1] ** 2) ** 0.5
+        curves["nn_distance_gap_se"].append(gap_se)
         for name, (x0, t, x_t) in loss_inputs.items():
             curves[f"{name}_loss"].append(float(cross_entropy(_logits(network, x_t, t, config.batch), x0)))
     phase = _phase(epochs, {k: curves[k] for k in ("nn_divergence", "test_loss")}, "nn_divergence", "test_loss")

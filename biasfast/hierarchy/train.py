@@ -2,8 +2,11 @@
 
 Per epoch: a fresh permutation of the block, batches of `batch_size`, one t ~ U{1..T} and one noise draw per sample
 (the paper's `DiffusionDataset`), cross-entropy of the x0 logits against the clean tokens, Adam with the paper's
-LambdaLR "default" schedule. Weights are saved on a log-spaced epoch grid. All randomness is counter-based (seeded by
-(seed, model, epoch)), so a run resumed from its last saved state ends bit-identical to an uninterrupted one.
+LambdaLR "default" schedule. The two networks run as one `GroupedDenoiser` (stacked weights, one batched pass, one
+Adam over the stacks, which is elementwise and so the same as one Adam each); each model keeps its own block and
+noise stream, so the pair trains as two separate models would, up to float rounding. Weights are saved on a
+log-spaced epoch grid. All randomness is counter-based (seeded by (seed, model, epoch)), so a run resumed from its
+last saved state ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from biasfast._core.io import (CorruptCheckpointError, folder_lock, load_checkpo
 from biasfast._core.seeds import generator_for, seed_for
 from biasfast.hierarchy.denoiser import SequenceDenoiser
 from biasfast.hierarchy.diffusion import OneHotDiffusion
+from biasfast.hierarchy.grouped import GroupedDenoiser
 from biasfast.hierarchy.model import FilteredHierarchicalModel
 from biasfast.diffusion.training import log_spaced_steps
 
 NAMES = ("A", "B")  # model A trains on block 0, model B on block 1
 CONFIG_FILE = "config.json"
+STATE_FILE = "pair_state.pt"  # both models, their optimizer and schedule, at the last saved epoch
 
 
 @dataclass(frozen=True)
@@ -114,77 +119,84 @@ class PairTrainer:
     def checkpoint_path(self, name: str, epoch: int) -> str:
         return os.path.join(self.folder, name, f"epoch_{epoch:06d}.pt")
 
-    def _state_path(self, name: str) -> str:
-        return os.path.join(self.folder, name, "state.pt")
+    def _state_path(self) -> str:
+        return os.path.join(self.folder, STATE_FILE)
 
     def done(self) -> bool:
         return all(os.path.isfile(self.checkpoint_path(n, self.config.epochs)) for n in NAMES)
 
     def train(self, progress: bool = True) -> None:
-        """Train both models to the end, resuming each from its state file; one process per folder at a time."""
+        """Both models in one batched computation (`GroupedDenoiser`), each on its own block and noise stream;
+        resumes from the state file; one process per folder at a time."""
         with folder_lock(self.folder, "models"):
             path = os.path.join(self.folder, CONFIG_FILE)
             if not os.path.isfile(path):
                 write_json_atomic(asdict(self.config), path)
             for name in NAMES:
                 remove_stale_temporaries(os.path.join(self.folder, name))
-                self._train_one(name, progress)
+            remove_stale_temporaries(self.folder)
+            self._train_pair(progress)
 
-    def _resume_state(self, name: str) -> dict | None:
-        """The saved training state of `name`; an unreadable one is reported by name and training restarts from
-        epoch 0 (the result is the same, only slower)."""
-        if not os.path.isfile(self._state_path(name)):
+    def _resume_state(self) -> dict | None:
+        """The saved training state; an unreadable one is reported by name and training restarts from epoch 0
+        (the result is the same, only slower)."""
+        if not os.path.isfile(self._state_path()):
             return None
         try:
-            return load_checkpoint(self._state_path(name))
+            return load_checkpoint(self._state_path())
         except CorruptCheckpointError as exc:
-            warnings.warn(f"models: {exc}; training model {name} again from the start", stacklevel=3)
+            warnings.warn(f"models: {exc}; training the pair again from the start", stacklevel=3)
             return None
 
-    def _train_one(self, name: str, progress: bool) -> None:
+    def _train_pair(self, progress: bool) -> None:
         config = self.config
-        state = self._resume_state(name)
+        state = self._resume_state()
         if state is not None and int(state["epoch"]) >= config.epochs:
             return
-        network = config.network(name).to(self.device)
-        optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
+        pair = GroupedDenoiser([config.network(name) for name in NAMES]).to(self.device)
+        optimizer = torch.optim.Adam(pair.parameters(), lr=config.lr)  # elementwise: the same as one Adam each
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda e: lr_factor(e, config.epochs, min(config.warmup_epochs, config.epochs)))
-        losses: list[float] = []
+        losses: dict[str, list[float]] = {name: [] for name in NAMES}
         epoch = 0
         if state is not None:
-            network.load_state_dict(state["network"])
+            pair.load_state_dict(state["pair"])
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
-            epoch, losses = int(state["epoch"]), list(state["losses"])
+            epoch, losses = int(state["epoch"]), {name: list(state["losses"][name]) for name in NAMES}
         grid = set(config.epoch_grid())
-        data = self.blocks[name]
-        bar = tqdm(total=config.epochs, initial=epoch, desc=f"training model {name}", unit="epoch",
+        data = torch.stack([self.blocks[name] for name in NAMES])
+        bar = tqdm(total=config.epochs, initial=epoch, desc="training the pair", unit="epoch",
                    disable=not progress, leave=False)
-        network.train()
+        pair.train()
         while epoch < config.epochs:
-            generator = generator_for(config.seed, "hierarchy", name, epoch)
-            order = torch.randperm(len(data), generator=generator)
-            total = 0.0
-            for start in range(0, len(data), config.batch_size):
-                tokens = data[order[start : start + config.batch_size]].to(self.device)
-                t = self.diffusion.random_timesteps(len(tokens), generator).to(self.device)
-                x_t = self.diffusion.noise(tokens, t, generator)
-                loss = cross_entropy(network(x_t, t), tokens)
+            generators = [generator_for(config.seed, "hierarchy", name, epoch) for name in NAMES]
+            orders = [torch.randperm(config.n_train, generator=g) for g in generators]
+            totals = torch.zeros(len(NAMES), dtype=torch.float64)
+            for start in range(0, config.n_train, config.batch_size):
+                tokens = torch.stack([data[i][order[start : start + config.batch_size]]
+                                      for i, order in enumerate(orders)])
+                t = torch.stack([self.diffusion.random_timesteps(tokens.shape[1], g) for g in generators])
+                x_t = torch.stack([self.diffusion.noise(tokens[i], t[i], g) for i, g in enumerate(generators)])
+                logits = pair(x_t.to(self.device), t.to(self.device))
+                per_model = torch.stack([cross_entropy(logits[i], tokens[i].to(self.device))
+                                         for i in range(len(NAMES))])
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                per_model.sum().backward()  # the groups share no weight: each gets its own loss's gradient
                 optimizer.step()
-                total += float(loss.detach()) * len(tokens)
+                totals += per_model.detach().double().cpu() * tokens.shape[1]
             schedule.step()
             epoch += 1
-            losses.append(total / len(data))
+            for name, total in zip(NAMES, totals.tolist()):
+                losses[name].append(total / config.n_train)
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.set_postfix(loss=f"{losses['A'][-1]:.4f}/{losses['B'][-1]:.4f}")
             if epoch in grid:
-                save_atomic(network.state_dict(), self.checkpoint_path(name, epoch))
-                save_atomic({"epoch": epoch, "losses": losses, "network": network.state_dict(),
+                for i, name in enumerate(NAMES):
+                    save_atomic(pair.network_state(i), self.checkpoint_path(name, epoch))
+                save_atomic({"epoch": epoch, "losses": losses, "pair": pair.state_dict(),
                              "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
-                            self._state_path(name))
+                            self._state_path())
         bar.close()
 
     def weights(self, name: str, epoch: int) -> SequenceDenoiser:
@@ -195,4 +207,4 @@ class PairTrainer:
 
     def train_losses(self, name: str) -> list[float]:
         """Mean training loss of every epoch (the running loss at random t)."""
-        return list(load_checkpoint(self._state_path(name))["losses"])
+        return list(load_checkpoint(self._state_path())["losses"][name])

@@ -1,6 +1,7 @@
 """Gaussian one-hot diffusion on the hierarchical model: noising, the DDPM posterior sampler, the transformer
 denoiser and its training, the bias estimators and the `biasfast hierarchy` experiments."""
 
+import argparse
 import json
 import math
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 import biasfast.hierarchy.train as train_module
+from biasfast.apps import hierarchy as hierarchy_app
+from biasfast.apps.hierarchy import add_parser as add_hierarchy_parser
 from biasfast.apps.main import main
 from biasfast.hierarchy import FilteredHierarchicalModel
 from biasfast.hierarchy.denoiser import SequenceDenoiser
@@ -187,7 +190,7 @@ def test_training_resumes_bit_identically(tmp_path, monkeypatch):
         real_save(obj, path)
         saves.append(path)
         if path.endswith("state.pt"):
-            raise KeyboardInterrupt  # killed right after the epoch-2 state of model A reached the disk
+            raise KeyboardInterrupt  # killed right after the epoch-2 state of the pair reached the disk
 
     monkeypatch.setattr(train_module, "save_atomic", crash_after_first_state)
     with pytest.raises(KeyboardInterrupt):
@@ -395,3 +398,39 @@ def test_bad_inputs_name_the_argument(capsys):
     for argv, message in cli_cases:
         assert main(["hierarchy", "sequential", "--out", "/nonexistent-dir"] + argv) == 2
         assert message in capsys.readouterr().err
+
+
+# ---- presets ----
+
+
+def _parsed(*flags):
+    parser = argparse.ArgumentParser()
+    add_hierarchy_parser(parser.add_subparsers())
+    return parser.parse_args(["hierarchy", "sequential", *flags])
+
+
+def test_mechanism_preset_is_the_default_and_the_paper_grammar_stays_available():
+    pair, _ = hierarchy_app._configs(_parsed())
+    assert (pair.q, pair.depth, pair.q_eff, pair.n_train, pair.width, pair.epochs) == (4, 3, 2, 64, 32, 6000)
+    assert hierarchy_app._configs(_parsed("--preset", "mechanism"))[0] == pair
+    paper_grammar, evaluation = hierarchy_app._configs(_parsed("--preset", "paper-grammar", "--epochs", "7"))
+    assert paper_grammar == PairConfig(epochs=7)  # the paper's grammar at the former CPU sizes, flags on top
+    paper, evaluation = hierarchy_app._configs(_parsed("--paper-sizes"))
+    assert (paper.q, paper.depth, paper.q_eff, paper.n_train, paper.width, paper.layers, paper.epochs) == \
+        (6, 4, 4, 5000, 512, 8, 20000) and evaluation.n_eval == 3000
+    with pytest.raises(ValueError, match="--preset: 'mechanism' cannot be combined with --paper-sizes"):
+        hierarchy_app._configs(_parsed("--preset", "mechanism", "--paper-sizes"))
+
+
+def test_mechanism_preset_runs_end_to_end_on_a_tiny_schedule(tmp_path, capsys):
+    # the preset's grammar and network with a 6-epoch schedule: every experiment reads the preset's pair
+    tiny = ["--epochs", "6", "--checkpoints", "3", "--first-checkpoint", "2", "--n-eval", "16", "--sample-steps",
+            "4", "--no-progress", "--models", str(tmp_path / "models")]
+    for experiment in ("sequential", "loss-decomposition"):
+        assert main(["hierarchy", experiment, "--out", str(tmp_path)] + tiny) == 0
+        result = json.loads((tmp_path / f"{experiment}.json").read_text())
+        assert {k: result["pair"][k] for k in ("q", "depth", "q_eff", "n_train", "width", "lr")} == \
+            dict(q=4, depth=3, q_eff=2, n_train=64, width=32, lr=3e-3)
+        assert result["epochs"] == [2, 3, 6]
+    assert len(result["curves"]["fixed_t/train/excess"]["mean"]) == 3
+    assert "reused the pair" in capsys.readouterr().out  # the second experiment evaluated the first one's pair

@@ -48,9 +48,11 @@ def sampler_step(
     uncond_output: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     clip_sample: float | None = None,
+    use_clipped_model_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDPM (fixed_small) or DDIM step as diffusers' `DDPMScheduler.step` / `DDIMScheduler.step` write it,
-    with per-sample t, t_prev (B,) (t_prev = -1: ᾱ_prev = 1) and CFG ε = ε_u + s·(ε_c − ε_u). Returns (x_prev, x̂0)."""
+    with per-sample t, t_prev (B,) (t_prev = -1: ᾱ_prev = 1) and CFG ε = ε_u + s·(ε_c − ε_u). Returns (x_prev, x̂0).
+    `use_clipped_model_output`: ε re-derived from the clipped x̂0, diffusers' DDIM option of that name."""
     view = (-1,) + (1,) * (x_t.dim() - 1)
     table = alphas_cumprod.to(x_t.device, x_t.dtype)
     alpha = table[t].view(view)
@@ -71,6 +73,8 @@ def sampler_step(
         raise ValueError(f"prediction: unknown {prediction!r}")
     if clip_sample is not None:
         x0 = x0.clamp(-clip_sample, clip_sample)
+    if use_clipped_model_output:
+        eps = (x_t - alpha**0.5 * x0) / beta**0.5
     if method == "ddim":
         std = eta * ((beta_prev / beta) * (1 - alpha / alpha_prev)) ** 0.5
         x_prev = alpha_prev**0.5 * x0 + (1 - alpha_prev - std**2) ** 0.5 * eps

@@ -32,6 +32,8 @@ def step(
     t: int | torch.Tensor,
     t_prev: int | torch.Tensor,
     schedule: NoiseSchedule,
+    *,
+    use_clipped_model_output: bool = False,
     **options,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x_t → x_{t_prev} on `schedule`, as diffusers' `DDPMScheduler.step` (fixed_small or learned_range
@@ -39,11 +41,26 @@ def step(
     prediction, eta, guidance_scale, uncond_output, noise, clip_sample, variance, return_x0, out) are those of
     `biasfast.ops.sampler_step.sampler_step`; the ᾱ table stays on x_t's device, so no step syncs the host.
     With variance="learned_range" a DDPM step on (t, t_prev) of a respaced chain is guided-diffusion's
-    `p_sample` of the respaced process (`SpacedDiffusion`: β' = 1 − ᾱ_t/ᾱ_{t_prev})."""
+    `p_sample` of the respaced process (`SpacedDiffusion`: β' = 1 − ᾱ_t/ᾱ_{t_prev}).
+
+    `use_clipped_model_output` (with `clip_sample`) re-derives ε̂ from the clipped x̂0 before the DDIM update, as
+    guided-diffusion's `ddim_sample` always does and diffusers' `DDIMScheduler.step(use_clipped_model_output=True)`
+    does on request. Without it, DDIM pairs a clipped x̂0 with the unclipped (guided) ε̂, so x_{t'} leaves the
+    line through x_t and x̂0; under strong guidance at high noise that saturates x̂0 to the corners of the
+    clip box and fixes wrong colours early (measured in benchmarks/DEBIAS.md). Two fused passes: the first
+    yields the guided, clipped x̂0, the second steps with it as an x0-prediction."""
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule: expected a biasfast.NoiseSchedule, got {type(schedule).__name__}")
     check_tensor(x_t, "x_t")
-    return sampler_step(x_t, model_output, t, t_prev, schedule.table(x_t.device, torch.float64), **options)
+    table = schedule.table(x_t.device, torch.float64)
+    if not use_clipped_model_output:
+        return sampler_step(x_t, model_output, t, t_prev, table, **options)
+    if options.get("clip_sample") is None:
+        raise ValueError("use_clipped_model_output: needs clip_sample (there is no clipped x̂0 without it)")
+    out, return_x0 = options.pop("out", None), options.pop("return_x0", False)
+    _, x0 = sampler_step(x_t, model_output, t, t_prev, table, return_x0=True, **options)
+    return sampler_step(x_t, x0, t, t_prev, table, method=options.get("method", "ddim"), prediction="sample",
+                        eta=options.get("eta", 0.0), noise=options.get("noise"), return_x0=return_x0, out=out)
 def keyed_normal(seed: int, indices: range, step_index: int, shape: tuple[int, ...], device: torch.device,
                  dtype: torch.dtype) -> torch.Tensor:
     """Standard normal noise for samples `indices` at `step_index`: row j is drawn from its own keyed generator
@@ -95,6 +112,7 @@ def sample_coupled(
     null_label: int | None = None,
     clip_sample: float | None = None,
     variance: str = "fixed_small",
+    use_clipped_model_output: bool = False,
     spacing: str | None = None,
     batch_size: int | None = None,
     device: torch.device | str | None = None,
@@ -114,6 +132,7 @@ def sample_coupled(
     see `biasfast.diffusion.dpm_solver`). Timesteps: `schedule.timesteps(steps, spacing)` (spacing "leading"
     unless given; for dpmsolver++ without a spacing, diffusers' DPM-Solver linspace spacing), each step going
     to the next one (-1 last); steps defaults to 50 for DDIM, 20 for DPM-Solver++, every step for DDPM.
+    `clip_sample` clamps x̂0; with `use_clipped_model_output` ε̂ is re-derived from the clipped x̂0 (see `step`).
     The noise of sample j depends only on (seed, j, step), so results do not depend on `batch_size`.
     """
     models = list(models)
@@ -147,7 +166,8 @@ def sample_coupled(
     corrections = second_order_corrections(schedule, timesteps) if multistep else None
     noisy = method == "ddpm" or eta > 0
     config = dict(method="ddim" if multistep else method, prediction=prediction, eta=eta,
-                  guidance_scale=guidance_scale, clip_sample=clip_sample, variance=variance, return_x0=multistep)
+                  guidance_scale=guidance_scale, clip_sample=clip_sample, variance=variance, return_x0=multistep,
+                  use_clipped_model_output=use_clipped_model_output)
 
     outputs: list[list[torch.Tensor]] = [[] for _ in models]
     batches = range(0, n, batch_size)

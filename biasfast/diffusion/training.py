@@ -160,12 +160,15 @@ class DenoisingEval:
 
     Timesteps are stratified: `bins` equal-width bins over [0, T), and each (image, bin) gets one fixed
     timestep inside the bin and one fixed noise draw, so successive checkpoints see the same inputs and the
-    curve is smooth. The mean over bins estimates the average over all T timesteps.
+    curve is smooth. The mean over bins estimates the average over all T timesteps. With `labels` the model is
+    called class-conditionally (`model(x_t, t, labels)`): the held-out loss of a class-conditional denoiser.
     """
 
     def __init__(self, images: torch.Tensor, schedule: NoiseSchedule, *, bins: int = 10, seed: int = 0,
-                 batch_size: int = 1024, prediction: str = "epsilon") -> None:
+                 batch_size: int = 1024, prediction: str = "epsilon", labels: torch.Tensor | None = None) -> None:
         n, T = images.shape[0], schedule.num_timesteps
+        if labels is not None and labels.shape != (n,):
+            raise ValueError(f"labels: expected shape ({n},), got {tuple(labels.shape)}")
         if not 1 <= bins <= T:
             raise ValueError(f"bins: expected an int in [1, {T}], got {bins!r}")
         generator = generator_for(seed, "eval", 0)
@@ -177,6 +180,7 @@ class DenoisingEval:
         self.t = t.reshape(-1)  # (n * bins,), row-major: image i, bin k
         self.noise = torch.randn((n * bins, *images.shape[1:]), generator=generator)
         self.batch_size, self.prediction = batch_size, prediction
+        self.labels = None if labels is None else labels.long().repeat_interleave(bins)
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> tuple[float, list[float]]:
@@ -196,7 +200,8 @@ class DenoisingEval:
             alpha_bar = alpha_table[t].view(-1, 1, 1, 1)
             x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
             target = diffusion_target(x0, noise, alpha_bar, self.prediction)
-            losses[start:stop] = (model(x_t, t) - target).square().flatten(1).mean(1).double().cpu()
+            output = model(x_t, t) if self.labels is None else model(x_t, t, self.labels[start:stop].to(device))
+            losses[start:stop] = (output - target).square().flatten(1).mean(1).double().cpu()
         model.train(was_training)
         per_bin = losses.view(n, self.bins).mean(0)
         return float(per_bin.mean()), per_bin.tolist()

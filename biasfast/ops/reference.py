@@ -140,11 +140,13 @@ def sampler_step(
     noise: torch.Tensor | None = None,
     clip_sample: float | None = None,
     variance: str = "fixed_small",
+    use_clipped_model_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDPM (fixed_small or learned_range) or DDIM step as diffusers' `DDPMScheduler.step` /
     `DDIMScheduler.step` write it, with per-sample t, t_prev (B,) (t_prev = -1: ᾱ_prev = 1) and CFG
     ε = ε_u + s·(ε_c − ε_u). learned_range: model outputs (B, 2C, ...) split into the prediction and v, and
-    log σ² = frac·log β_t + (1 − frac)·log β̃_t, frac = (v + 1)/2 (diffusers' `_get_variance`). Returns (x_prev, x̂0)."""
+    log σ² = frac·log β_t + (1 − frac)·log β̃_t, frac = (v + 1)/2 (diffusers' `_get_variance`). `use_clipped_model_output`: ε re-derived from the clipped
+    x̂0, diffusers' DDIM option of that name. Returns (x_prev, x̂0)."""
     log_variance_frac = None
     if variance == "learned_range":
         channels = x_t.shape[1]
@@ -173,6 +175,8 @@ def sampler_step(
         raise ValueError(f"prediction: unknown {prediction!r}")
     if clip_sample is not None:
         x0 = x0.clamp(-clip_sample, clip_sample)
+    if use_clipped_model_output:
+        eps = (x_t - alpha**0.5 * x0) / beta**0.5
     if method == "ddim":
         std = eta * ((beta_prev / beta) * (1 - alpha / alpha_prev)) ** 0.5
         x_prev = alpha_prev**0.5 * x0 + (1 - alpha_prev - std**2) ** 0.5 * eps

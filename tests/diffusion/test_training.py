@@ -109,6 +109,17 @@ def test_denoising_eval_is_fixed_and_stratified():
     assert model.training  # restored
 
 
+def test_denoising_eval_with_labels_calls_the_conditional_branch():
+    model = build_model("unet", base_channels=8, num_classes=3, seed=0)
+    labels = torch.arange(11) % 3
+    conditional, _ = DenoisingEval(_images(11), SCHEDULE, bins=3, labels=labels)(model)
+    unconditional, _ = DenoisingEval(_images(11), SCHEDULE, bins=3)(model)
+    null, _ = DenoisingEval(_images(11), SCHEDULE, bins=3, labels=torch.full((11,), 3))(model)  # 3: null class
+    assert null == pytest.approx(unconditional, rel=1e-12) and conditional != pytest.approx(unconditional, rel=1e-3)
+    with pytest.raises(ValueError, match="labels: expected shape"):
+        DenoisingEval(_images(11), SCHEDULE, labels=labels[:5])
+
+
 def test_v_and_sample_targets():
     x0, eps, ab = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2), torch.full((3, 1, 1, 1), 0.36)
     torch.testing.assert_close(diffusion_target(x0, eps, ab, "v_prediction"), 0.6 * eps - 0.8 * x0)

@@ -103,6 +103,41 @@ def test_guidance_follows_both_conventions():
     torch.testing.assert_close(guided, step(x, mixed, t, t_prev, SCHEDULE), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("method,prediction,scale", COMBOS)
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_clipped_model_output_matches_float64_reference(method, prediction, scale, dtype, rtol):
+    # ε̂ re-derived from the clipped x̂0 (guided-diffusion's ddim_sample, diffusers' use_clipped_model_output).
+    eta = 0.0 if method == "ddpm" else 0.7
+    x, cond, uncond, noise, t, t_prev = _inputs(dtype, guided=scale is not None, seed=3)
+    options = dict(method=method, prediction=prediction, eta=eta, guidance_scale=scale, uncond_output=uncond,
+                   noise=noise, clip_sample=1.0)
+    expected, expected_x0 = _reference64(x, cond, uncond, noise, t, t_prev, method, prediction, eta, scale, 1.0)
+    d = lambda v: v if v is None else v.double()  # noqa: E731
+    if method == "ddim":
+        eps = (x.double() - SCHEDULE.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1) * expected_x0) / (
+            1 - SCHEDULE.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+        expected, _ = reference.sampler_step(x.double(), eps, t, t_prev, SCHEDULE.alphas_cumprod, method=method,
+                                             eta=eta, noise=d(noise))
+    oracle, _ = reference.sampler_step(x.double(), cond.double(), t, t_prev, SCHEDULE.alphas_cumprod, method=method,
+                                       prediction=prediction, eta=eta, guidance_scale=scale, uncond_output=d(uncond),
+                                       noise=d(noise), clip_sample=1.0, use_clipped_model_output=True)
+    torch.testing.assert_close(oracle, expected, rtol=1e-10, atol=1e-10)  # the oracle against its definition
+    out, x0 = step(x, cond, t, t_prev, SCHEDULE, use_clipped_model_output=True, return_x0=True, **options)
+    _assert_relative(out, expected, rtol)
+    _assert_relative(x0, expected_x0, rtol)
+    plain = step(x, cond, t, t_prev, SCHEDULE, **options)
+    assert torch.equal(out, plain) == (method == "ddpm")  # DDPM's posterior mean already uses the clipped x̂0
+
+
+def test_clipped_model_output_needs_clip_sample_and_writes_out():
+    x, cond, uncond, noise, t, t_prev = _inputs()
+    with pytest.raises(ValueError, match="use_clipped_model_output: needs clip_sample"):
+        step(x, cond, t, t_prev, SCHEDULE, use_clipped_model_output=True)
+    expected = step(x, cond, t, t_prev, SCHEDULE, clip_sample=1.0, use_clipped_model_output=True)
+    assert step(x, cond, t, t_prev, SCHEDULE, clip_sample=1.0, use_clipped_model_output=True, out=x) is x
+    assert torch.equal(x, expected)
+
+
 def test_final_step_returns_x0_for_ddim():
     # t_prev = -1 means ᾱ_prev = 1: the DDIM step lands exactly on x̂0.
     x, cond, _, _, t, _ = _inputs(torch.float64, guided=False)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from biasfast._core.checks import check_tensor
 from biasfast._core.constants import SAMPLER_METHODS
 from biasfast._core.seeds import seed_for
+from biasfast.diffusion.models import denoise
 from biasfast.diffusion.schedules import NoiseSchedule
 from biasfast.ops.sampler_step import sampler_step
 
@@ -83,12 +84,12 @@ def sample_coupled(
     steps: int | None = None,
     method: str = "ddim",
     eta: float = 0.0,
-    prediction: str = "epsilon",
+    prediction: str | None = None,
     guidance_scale: float | None = None,
     class_labels: int | torch.Tensor | None = None,
     null_label: int | None = None,
     clip_sample: float | None = None,
-    spacing: str = "leading",
+    spacing: str | None = None,
     batch_size: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -97,7 +98,8 @@ def sample_coupled(
     """n samples of `shape` from each model, sample j of every model from the same x_T and per-step noise.
 
     `model(x, t, class_labels)` returns the prediction (`prediction`: epsilon, sample or v_prediction) for x
-    (B, *shape) at integer timesteps t (B,). With `guidance_scale` s (diffusers' convention; s = 1 + w for
+    (B, *shape) at integer timesteps t (B,); diffusers models work as they are (`models.denoise`).
+    `prediction`, `spacing` and `clip_sample` default to the schedule's (a diffusers scheduler's config). With `guidance_scale` s (diffusers' convention; s = 1 + w for
     Ho & Salimans' w), each step calls the model with `class_labels` and with None, or once on a doubled batch
     whose second half is labelled `null_label` when one is given. Timesteps: `schedule.timesteps(steps,
     spacing)` (steps defaults to 50 for DDIM, every step for DDPM), each step going to the next one (-1 last).
@@ -118,6 +120,8 @@ def sample_coupled(
     device = torch.device(device) if device is not None else _model_device(models[0])
     if steps is None:
         steps = schedule.num_timesteps if method == "ddpm" else min(DEFAULT_DDIM_STEPS, schedule.num_timesteps)
+    prediction = schedule.prediction if prediction is None else prediction
+    clip_sample = schedule.clip_sample if clip_sample is None else clip_sample
     timesteps = schedule.timesteps(steps, spacing).tolist()
     pairs = list(zip(timesteps, timesteps[1:] + [-1]))
     noisy = method == "ddpm" or eta > 0
@@ -170,8 +174,9 @@ def _predict(model: Model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tenso
              guidance_scale: float | None, null_label: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(conditional, unconditional) outputs; unconditional only with guidance."""
     if guidance_scale is None:
-        return model(x, t, labels), None
+        return denoise(model, x, t, labels), None
     if null_label is None:
-        return model(x, t, labels), model(x, t, None)
-    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null_label)]))
+        return denoise(model, x, t, labels), denoise(model, x, t, None)
+    both = denoise(model, torch.cat([x, x]), torch.cat([t, t]),
+                   torch.cat([labels, torch.full_like(labels, null_label)]))
     return both.chunk(2)

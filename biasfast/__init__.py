@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "BiasReport": "biasfast.metrics.bias",
     "bias_score": "biasfast.metrics.bias",
+    "evaluate_pair": "biasfast.metrics.pair",
     "FilteredHierarchicalModel": "biasfast.hierarchy.model",
     "NoiseSchedule": "biasfast.diffusion.schedules",
     "knn": "biasfast.neighbors.knn",
@@ -95,5 +96,5 @@ def info() -> str:
     return text
 
 
-__all__ = ["BiasReport", "FilteredHierarchicalModel", "NoiseSchedule", "bias_score", "distributed", "info", "knn",
+__all__ = ["BiasReport", "FilteredHierarchicalModel", "NoiseSchedule", "bias_score", "distributed", "evaluate_pair", "info", "knn",
            "pairwise_distances", "row_hash", "sample", "sample_coupled", "snr_weighted_loss", "sqdist", "weighting"]

@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "BiasReport": "biasfast.metrics.bias",
     "bias_score": "biasfast.metrics.bias",
+    "evaluate_pair": "biasfast.metrics.pair",
     "FilteredHierarchicalModel": "biasfast.hierarchy.model",
     "hybrid_loss": "biasfast.ops.hybrid_loss",
     "NoiseSchedule": "biasfast.diffusion.schedules",
@@ -97,5 +98,6 @@ def info() -> str:
     return text
 
 
-__all__ = ["BiasReport", "FilteredHierarchicalModel", "NoiseSchedule", "bias_score", "distributed", "hybrid_loss",
-           "info", "knn", "pairwise_distances", "row_hash", "sample", "sample_coupled", "snr_weighted_loss", "sqdist", "weighting"]
+__all__ = ["BiasReport", "FilteredHierarchicalModel", "NoiseSchedule", "bias_score", "distributed", "evaluate_pair",
+           "hybrid_loss", "info", "knn", "pairwise_distances", "row_hash", "sample", "sample_coupled",
+           "snr_weighted_loss", "sqdist", "weighting"]

@@ -3,6 +3,7 @@
   info         the build report
   run          the main job: train on two disjoint halves, track the bias score over training
   bias-score   a BiasReport from sample and training arrays on disk
+  audit        two diffusers checkpoints (or their samples) against their training sets: report and gallery
   debias       Diffusing DeBias and baselines on colored digits
   hierarchy    the bias-mechanism experiments on the hierarchical data model
 """
@@ -36,6 +37,7 @@ RUN_OPTIONS = {
     "threads": ("--threads", int, "torch intra-op threads (results are bit-reproducible for a fixed count)"),
 }
 
+from biasfast.apps.audit import add_parser as add_audit_parser
 from biasfast.apps.debias import add_parser as add_debias_parser
 from biasfast.apps.hierarchy import add_parser as add_hierarchy_parser
 
@@ -262,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--metric", default="pearson")
     score.add_argument("--json", default=None, help="also write the report as JSON here")
     score.set_defaults(func=_bias_score)
+    add_audit_parser(commands)
     add_debias_parser(commands)
     add_hierarchy_parser(commands)
     return parser

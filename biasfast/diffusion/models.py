@@ -1,4 +1,5 @@
-"""Small denoisers for 8×8..32×32 images: a time-conditioned U-Net and an MLP, optionally class-conditional.
+"""Small denoisers for 8×8..32×32 images: a time-conditioned U-Net and an MLP, optionally class-conditional, and
+`denoise`, the one place where samplers, trainer and metrics call a model (theirs, a diffusers one, any callable).
 
 Every model has the signature `model(x, t, class_labels=None)` that the samplers expect. Class conditioning
 reserves one extra "null" class (index `num_classes`) for classifier-free guidance: `class_labels=None`
@@ -7,12 +8,56 @@ means unconditional. `build_model` seeds construction, so models for sets A and 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 MODEL_KINDS = ("unet", "mlp")
+
+
+def denoise(model: Callable[..., Any], x: torch.Tensor, t: torch.Tensor,
+            class_labels: torch.Tensor | None = None, *, name: str = "model") -> torch.Tensor:
+    """model(x, t) as a tensor, for biasfast's models, diffusers models and plain callables alike.
+
+    A model whose forward takes `return_dict` (diffusers' `UNet2DModel`, ...) is called with `class_labels=` by
+    keyword (its third positional argument may be something else, e.g. `encoder_hidden_states`) and
+    `return_dict=False`; any other callable as `model(x, t)`, or `model(x, t, class_labels)` with labels.
+    The output may be a tensor, an object with a tensor `.sample` (diffusers' output classes) or a tuple
+    whose first element is the tensor.
+    """
+    if _takes_return_dict(type(model)):
+        extra = {} if class_labels is None else {"class_labels": class_labels}
+        output = model(x, t, return_dict=False, **extra)
+    else:
+        output = model(x, t) if class_labels is None else model(x, t, class_labels)
+    return model_output(output, name)
+
+
+def model_output(output: Any, name: str = "model") -> torch.Tensor:
+    """The prediction tensor in what a denoiser returned: a tensor, `.sample`, or the first element of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(getattr(output, "sample", None), torch.Tensor):
+        return output.sample
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"{name}: expected the model to return a tensor (or an object with .sample), "
+                    f"got {type(output).__name__}")
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_return_dict(kind: type) -> bool:
+    forward = getattr(kind, "forward", None) if issubclass(kind, nn.Module) else None
+    if forward is None:
+        return False
+    try:
+        return "return_dict" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

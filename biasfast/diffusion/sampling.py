@@ -17,6 +17,7 @@ from biasfast._core.checks import check_tensor
 from biasfast._core.constants import SAMPLER_METHODS, VARIANCES
 from biasfast._core.seeds import seed_for
 from biasfast.diffusion.dpm_solver import apply_correction, dpm_solver_timesteps, second_order_corrections
+from biasfast.diffusion.models import denoise
 from biasfast.diffusion.schedules import NoiseSchedule
 from biasfast.ops.sampler_step import sampler_step
 
@@ -106,7 +107,7 @@ def sample_coupled(
     steps: int | None = None,
     method: str = "ddim",
     eta: float = 0.0,
-    prediction: str = "epsilon",
+    prediction: str | None = None,
     guidance_scale: float | None = None,
     class_labels: int | torch.Tensor | None = None,
     null_label: int | None = None,
@@ -122,7 +123,7 @@ def sample_coupled(
     """n samples of `shape` from each model, sample j of every model from the same x_T and per-step noise.
 
     `model(x, t, class_labels)` returns the prediction (`prediction`: epsilon, sample or v_prediction) for x
-    (B, *shape) at integer timesteps t (B,); with variance="learned_range" it returns (B, 2C, ...), the
+    (B, *shape) at integer timesteps t (B,) (diffusers models work as they are: `models.denoise`); with variance="learned_range" it returns (B, 2C, ...), the
     prediction then the variance interpolation v of a model trained with learned variances (guided-diffusion's
     `learn_sigma=True`): DDPM samples with that variance, DDIM and DPM-Solver++ use the prediction only.
     With `guidance_scale` s (diffusers' convention; s = 1 + w for Ho & Salimans' w), each step calls the
@@ -133,6 +134,7 @@ def sample_coupled(
     unless given; for dpmsolver++ without a spacing, diffusers' DPM-Solver linspace spacing), each step going
     to the next one (-1 last); steps defaults to 50 for DDIM, 20 for DPM-Solver++, every step for DDPM.
     `clip_sample` clamps x̂0; with `use_clipped_model_output` ε̂ is re-derived from the clipped x̂0 (see `step`).
+    `prediction`, `spacing` and `clip_sample` default to the schedule's (a diffusers scheduler's config).
     The noise of sample j depends only on (seed, j, step), so results do not depend on `batch_size`.
     """
     models = list(models)
@@ -158,10 +160,12 @@ def sample_coupled(
     device = torch.device(device) if device is not None else _model_device(models[0])
     if steps is None:
         steps = min(DEFAULT_STEPS.get(method, schedule.num_timesteps), schedule.num_timesteps)
+    prediction = schedule.prediction if prediction is None else prediction
+    clip_sample = schedule.clip_sample if clip_sample is None else clip_sample
     if multistep and spacing is None:
         timesteps = dpm_solver_timesteps(schedule, steps)
     else:
-        timesteps = schedule.timesteps(steps, spacing or "leading").tolist()
+        timesteps = schedule.timesteps(steps, spacing).tolist()
     pairs = list(zip(timesteps, timesteps[1:] + [-1]))
     corrections = second_order_corrections(schedule, timesteps) if multistep else None
     noisy = method == "ddpm" or eta > 0
@@ -219,8 +223,9 @@ def _predict(model: Model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tenso
              guidance_scale: float | None, null_label: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(conditional, unconditional) outputs; unconditional only with guidance."""
     if guidance_scale is None:
-        return model(x, t, labels), None
+        return denoise(model, x, t, labels), None
     if null_label is None:
-        return model(x, t, labels), model(x, t, None)
-    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null_label)]))
+        return denoise(model, x, t, labels), denoise(model, x, t, None)
+    both = denoise(model, torch.cat([x, x]), torch.cat([t, t]),
+                   torch.cat([labels, torch.full_like(labels, null_label)]))
     return both.chunk(2)

@@ -7,8 +7,11 @@ for kernels, so training and sampling loops never rebuild or synchronise on thes
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+
+from biasfast._core.constants import PREDICTIONS
 
 NAMED_SCHEDULES = ("linear", "scaled_linear", "cosine", "diffusion_lm")
 SPACINGS = ("leading", "trailing", "linspace")
@@ -53,17 +56,24 @@ def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 class NoiseSchedule:
     """A variance-preserving schedule x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·ε, t = 0..T−1.
 
-    `schedule` is a name in NAMED_SCHEDULES or a 1-D tensor of ᾱ_t (e.g. a diffusers scheduler's
-    `alphas_cumprod`), so existing pipelines plug in their own tables.
+    `schedule` is a name in NAMED_SCHEDULES, a 1-D tensor of ᾱ_t, or a diffusers scheduler (anything with
+    `alphas_cumprod` and a `config`; see `from_diffusers`), so existing pipelines plug in their own tables.
+    `prediction`, `spacing`, `steps_offset` and `clip_sample` are the defaults the samplers use with this
+    schedule (diffusers keeps them in the scheduler's config; a name or a table gets the DDPM defaults).
     """
 
     def __init__(
         self,
-        schedule: str | torch.Tensor = "linear",
+        schedule: Any = "linear",
         num_timesteps: int = 1000,
         *,
         zero_terminal_snr: bool = False,
+        prediction: str = "epsilon",
+        spacing: str = "leading",
+        steps_offset: int = 0,
+        clip_sample: float | None = None,
     ) -> None:
+        rescaled = False  # the ᾱ table came rescaled to zero terminal SNR (a diffusers scheduler's may)
         if isinstance(schedule, str):
             if not isinstance(num_timesteps, int) or num_timesteps < 2:
                 raise ValueError(f"num_timesteps: expected an int ≥ 2, got {num_timesteps!r}")
@@ -73,13 +83,43 @@ class NoiseSchedule:
             alphas_cumprod = schedule.detach().to("cpu", torch.float64).flatten()
             self._check_table(alphas_cumprod)
             self.name = "custom"
+        elif _is_diffusers_scheduler(schedule):
+            settings = _diffusers_settings(schedule)
+            alphas_cumprod = settings.pop("alphas_cumprod")
+            self._check_table(alphas_cumprod)
+            self.name = type(schedule).__name__
+            rescaled = settings.pop("zero_terminal_snr")
+            zero_terminal_snr = False  # never rescale twice
+            prediction, spacing = settings["prediction"], settings["spacing"]
+            steps_offset, clip_sample = settings["steps_offset"], settings["clip_sample"]
         else:
-            raise TypeError(f"schedule: expected a name or an alphas_cumprod tensor, got {type(schedule).__name__}")
+            raise TypeError(f"schedule: expected a name, an alphas_cumprod tensor or a diffusers scheduler, "
+                            f"got {type(schedule).__name__}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction: unknown {prediction!r}; expected one of {PREDICTIONS}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing: unknown {spacing!r}; expected one of {SPACINGS}")
+        if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
+            raise ValueError(f"steps_offset: expected an int ≥ 0, got {steps_offset!r}")
+        if clip_sample is not None and not (isinstance(clip_sample, (int, float)) and clip_sample > 0):
+            raise ValueError(f"clip_sample: expected a positive range or None, got {clip_sample!r}")
         if zero_terminal_snr:
             alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)
-        self.zero_terminal_snr = zero_terminal_snr
+        self.zero_terminal_snr = zero_terminal_snr or rescaled
         self.alphas_cumprod = alphas_cumprod
+        self.prediction, self.spacing, self.steps_offset = prediction, spacing, steps_offset
+        self.clip_sample = None if clip_sample is None else float(clip_sample)
         self._device_tables: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def from_diffusers(cls, scheduler: Any) -> "NoiseSchedule":
+        """The schedule of a diffusers scheduler (DDPMScheduler, DDIMScheduler, ...): its ᾱ table as it is
+        (float32, zero-terminal rescaling already applied when `rescale_betas_zero_snr`), and from its config
+        `prediction_type`, `timestep_spacing`, `steps_offset` and the `clip_sample` range."""
+        if not _is_diffusers_scheduler(scheduler):
+            raise TypeError(f"scheduler: expected a diffusers scheduler (with alphas_cumprod and config), "
+                            f"got {type(scheduler).__name__}")
+        return cls(scheduler)
 
     @staticmethod
     def _check_table(alphas_cumprod: torch.Tensor) -> None:
@@ -122,14 +162,19 @@ class NoiseSchedule:
             self._device_tables[key] = self.alphas_cumprod.to(device=key[0], dtype=dtype)
         return self._device_tables[key]
 
-    def timesteps(self, steps: int | None = None, spacing: str = "leading") -> torch.Tensor:
-        """Descending sampler timesteps, respaced to `steps` as diffusers' `timestep_spacing` does."""
+    def timesteps(self, steps: int | None = None, spacing: str | None = None) -> torch.Tensor:
+        """Descending sampler timesteps, respaced to `steps` as diffusers' `timestep_spacing` does (default: this
+        schedule's spacing); "leading" adds `steps_offset`, as diffusers does."""
         total = self.num_timesteps
+        spacing = self.spacing if spacing is None else spacing
         steps = total if steps is None else steps
         if not isinstance(steps, int) or not 1 <= steps <= total:
             raise ValueError(f"steps: expected an int in [1, {total}], got {steps!r}")
         if spacing == "leading":
-            t = torch.arange(steps, dtype=torch.int64) * (total // steps)
+            t = torch.arange(steps, dtype=torch.int64) * (total // steps) + self.steps_offset
+            if t[-1] >= total:
+                raise ValueError(f"steps: {steps} leading steps with steps_offset {self.steps_offset} reach "
+                                 f"timestep {int(t[-1])}, past the last one ({total - 1})")
         elif spacing == "trailing":
             t = (torch.arange(total, 0, -total / steps, dtype=torch.float64).round() - 1).to(torch.int64).flip(0)
         elif spacing == "linspace":
@@ -140,4 +185,25 @@ class NoiseSchedule:
 
     def __repr__(self) -> str:
         return (f"NoiseSchedule({self.name!r}, num_timesteps={self.num_timesteps}, "
-                f"zero_terminal_snr={self.zero_terminal_snr})")
+                f"zero_terminal_snr={self.zero_terminal_snr}, prediction={self.prediction!r}, "
+                f"spacing={self.spacing!r}, steps_offset={self.steps_offset}, clip_sample={self.clip_sample})")
+
+
+def _is_diffusers_scheduler(value: Any) -> bool:
+    return isinstance(getattr(value, "alphas_cumprod", None), torch.Tensor) and hasattr(value, "config")
+
+
+def _diffusers_settings(scheduler: Any) -> dict[str, Any]:
+    """What a diffusers scheduler's config says about sampling, under biasfast's names; diffusers' defaults
+    (DDPMScheduler's) for keys a scheduler does not have."""
+    config = scheduler.config
+    get = config.get if hasattr(config, "get") else (lambda key, default: getattr(config, key, default))
+    clip = get("clip_sample", False)
+    return {
+        "alphas_cumprod": scheduler.alphas_cumprod.detach().to("cpu", torch.float64).flatten(),
+        "prediction": get("prediction_type", "epsilon"),
+        "spacing": get("timestep_spacing", "leading"),
+        "steps_offset": int(get("steps_offset", 0)),
+        "clip_sample": float(get("clip_sample_range", 1.0)) if clip else None,
+        "zero_terminal_snr": bool(get("rescale_betas_zero_snr", False)),
+    }

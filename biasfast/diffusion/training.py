@@ -15,7 +15,7 @@ from torch import nn
 
 from biasfast._core.constants import PREDICTIONS
 from biasfast._core.seeds import generator_for
-from biasfast.diffusion.models import drop_labels
+from biasfast.diffusion.models import denoise, drop_labels
 from biasfast.diffusion.schedules import NoiseSchedule
 from biasfast.diffusion.weighting import weighting
 from biasfast.ops.snr_loss import snr_weighted_loss
@@ -62,7 +62,7 @@ def diffusion_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Ten
 
 
 class Trainer:
-    """Trains one denoiser `model(x, t, class_labels=None)` on `images` (N, C, H, W).
+    """Trains one denoiser `model(x, t, class_labels=None)` (or a diffusers model) on `images` (N, C, H, W).
 
     With `labels` and a model built with `num_classes`, labels are dropped to the null class with probability
     `config.label_dropout` (classifier-free guidance training).
@@ -128,7 +128,7 @@ class Trainer:
         alpha_bar = self.alpha_bar[t].view(-1, *([1] * (x0.dim() - 1)))
         x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
         self.model.train()
-        pred = self.model(x_t, t, labels) if labels is not None else self.model(x_t, t)
+        pred = denoise(self.model, x_t, t, labels)
         target = diffusion_target(x0, noise, alpha_bar, self.config.prediction)
         loss = snr_weighted_loss(pred, target, t, self.weights)
         self.optimizer.zero_grad(set_to_none=True)
@@ -200,8 +200,8 @@ class DenoisingEval:
             alpha_bar = alpha_table[t].view(-1, 1, 1, 1)
             x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
             target = diffusion_target(x0, noise, alpha_bar, self.prediction)
-            output = model(x_t, t) if self.labels is None else model(x_t, t, self.labels[start:stop].to(device))
-            losses[start:stop] = (output - target).square().flatten(1).mean(1).double().cpu()
+            labels = None if self.labels is None else self.labels[start:stop].to(device)
+            losses[start:stop] = (denoise(model, x_t, t, labels) - target).square().flatten(1).mean(1).double().cpu()
         model.train(was_training)
         per_bin = losses.view(n, self.bins).mean(0)
         return float(per_bin.mean()), per_bin.tolist()

@@ -4,6 +4,8 @@ nearest neighbours, pair distance, f_mem, NN divergence), `denoiser_agreement` (
 
 from biasfast.metrics.agreement import DenoiserAgreement, denoiser_agreement
 from biasfast.metrics.bias import BiasReport, PairDistance, bias_score
+from biasfast.metrics.pair import evaluate_pair
 from biasfast.metrics.tracker import BiasTracker
 
-__all__ = ["BiasReport", "BiasTracker", "DenoiserAgreement", "PairDistance", "bias_score", "denoiser_agreement"]
+__all__ = ["BiasReport", "BiasTracker", "DenoiserAgreement", "PairDistance", "bias_score", "denoiser_agreement",
+           "evaluate_pair"]

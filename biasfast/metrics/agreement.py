@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from biasfast._core.checks import check_finite, check_floating, check_tensor
+from biasfast.diffusion.models import denoise
 from biasfast.diffusion.schedules import NoiseSchedule
 
 
@@ -29,25 +30,13 @@ class DenoiserAgreement:
     t: int
 
 
-def _prediction(output: Any, name: str) -> torch.Tensor:
-    """A model's noise prediction: a tensor, or the `.sample` / first element of what diffusers models return."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "sample") and isinstance(output.sample, torch.Tensor):
-        return output.sample
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"{name}: expected the model to return a tensor (or an object with .sample), "
-                    f"got {type(output).__name__}")
-
-
 def _cosines(model_a: Any, model_b: Any, x_t: torch.Tensor, t: int, batch_size: int) -> torch.Tensor:
     out = []
     for start in range(0, x_t.shape[0], batch_size):
         batch = x_t[start : start + batch_size]
         steps = torch.full((batch.shape[0],), t, dtype=torch.long, device=batch.device)
-        pred_a = _prediction(model_a(batch, steps), "model_a").flatten(1)
-        pred_b = _prediction(model_b(batch, steps), "model_b").flatten(1)
+        pred_a = denoise(model_a, batch, steps, name="model_a").flatten(1)
+        pred_b = denoise(model_b, batch, steps, name="model_b").flatten(1)
         if pred_a.shape != pred_b.shape or pred_a.shape[0] != batch.shape[0]:
             raise ValueError(f"model_a and model_b: predictions of shapes {tuple(pred_a.shape)} and "
                              f"{tuple(pred_b.shape)} for a batch of {batch.shape[0]}")
@@ -74,7 +63,8 @@ def denoiser_agreement(
 ) -> DenoiserAgreement:
     """Cosine similarity of ε̂_A(x_t, t) and ε̂_B(x_t, t) on noised training images of A and on noised test images.
 
-    Models are called as `model(x_t, t_batch)` (t_batch: int64 of shape (batch,)), under `torch.no_grad()` and
+    Models are called as `model(x_t, t_batch)` (t_batch: int64 of shape (batch,); diffusers models as
+    `biasfast.diffusion.models.denoise` calls them), under `torch.no_grad()` and
     in eval mode (dropout off; their previous modes are restored). Noise: seed for the training images,
     seed + 1 for the test images, so repeated calls (e.g. per checkpoint) see identical x_t.
     """

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ import torch
 from biasfast.metrics import shards, stats
 from biasfast._core.checks import ArrayLike, as_rows, check_finite
 from biasfast._core.constants import METRICS
+from biasfast.metrics.features import Embedding, device_of
 from biasfast.metrics.search import NearestDistances, SearchPlan, TrainingSet, nearest, searchable
 
 GAP_THRESHOLD = 1.0 / 3.0  # d1/d2 below this marks a memorized sample (Yoon et al.; Bonnaire et al.)
@@ -195,6 +196,7 @@ def bias_score(
     metric: str = "pearson",
     test: ArrayLike | None = None,
     group: Any = None,
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> BiasReport:
     """Measure how much two models trained on disjoint sets A and B favour their own training data.
 
@@ -210,9 +212,19 @@ def bias_score(
     test, score, score_ci and p_value leave them out, and n_ties counts them. The gap ratio d1/d2 of
     memorized_fraction uses Euclidean distances on the raw values whatever `metric` is, as the official
     `compute_fmem.py` (Hamming for token data, where Euclidean distances between token ids mean nothing).
+
+    `features`: an embedding (module or callable mapping a batch of images (B, ...) to (B, d) rows), applied in
+    batches on the samples' device to the samples, the test set and every training chunk (streamed) before the
+    search; every distance, the gap ratio included, is then measured between embeddings. The overlap warning
+    compares embedded rows, so it only sees copies the embedding maps bit-identically. Default: raw values.
     """
     if metric not in METRICS:
         raise ValueError(f"metric: unknown metric {metric!r}; expected one of {METRICS}")
+    if features is not None:
+        embedding = Embedding(features, device_of(samples_a))
+        samples_a, samples_b = embedding(samples_a, "samples_a"), embedding(samples_b, "samples_b")
+        test = None if test is None else embedding(test, "test")
+        train_a, train_b = embedding.stream(train_a, "train_a"), embedding.stream(train_b, "train_b")
     a = searchable(as_rows(samples_a, "samples_a", allow_empty=True), metric, "samples_a")
     b = searchable(as_rows(samples_b, "samples_b", allow_empty=True).to(a.device), metric, "samples_b")
     n, features = a.shape

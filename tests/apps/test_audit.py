@@ -1,0 +1,191 @@
+"""`biasfast audit` end to end on two saved tiny UNets and PNG folders written here: the report against bias_score
+by hand, the pictures, resume after a kill between shards, samples made elsewhere with an embedding, bad input."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from PIL import Image  # noqa: E402
+
+import biasfast  # noqa: E402
+from biasfast.apps import audit  # noqa: E402
+from biasfast.apps.main import main  # noqa: E402
+from biasfast.data.stream import ImageStream  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors on a busy machine
+SHAPE = (3, 8, 8)
+N = 12
+
+
+def _unet(seed: int, channels: int = 3) -> diffusers.UNet2DModel:
+    torch.manual_seed(seed)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=channels, out_channels=channels, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+
+
+def _write_pngs(folder, images: np.ndarray, nested: bool = False) -> None:
+    for i, image in enumerate(images):
+        path = os.path.join(folder, f"part{i % 2}" if nested else "", f"img{i:03d}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(image.transpose(1, 2, 0)).save(path)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (23 + 19 + 9, *SHAPE), dtype=np.uint8)
+    paths = {name: str(root / name) for name in ("train_a", "train_b", "test", "model_a", "model_b")}
+    _write_pngs(paths["train_a"], images[:23], nested=True)
+    _write_pngs(paths["train_b"], images[23:42])
+    _write_pngs(paths["test"], images[42:])
+    pipeline = paths["model_a"]  # a pipeline folder: unet/ and scheduler/
+    _unet(0).save_pretrained(os.path.join(pipeline, "unet"))
+    diffusers.DDIMScheduler(num_train_timesteps=100).save_pretrained(os.path.join(pipeline, "scheduler"))
+    _unet(1).save_pretrained(paths["model_b"])  # a model folder
+    return paths
+
+
+def _args(inputs, out, *extra):
+    return ["audit", "--model-a", inputs["model_a"], "--model-b", inputs["model_b"], "--train-a", inputs["train_a"],
+            "--train-b", inputs["train_b"], "--test", inputs["test"], "--n", str(N), "--steps", "4",
+            "--shard-size", "5", "--batch-size", "3", "--out", str(out), "--no-progress", *extra]
+
+
+def _load(out):
+    with open(os.path.join(out, "report.json")) as stream:
+        return json.load(stream)
+
+
+@pytest.fixture(scope="module")
+def finished(inputs, tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("finished") / "audit"
+    assert main(_args(inputs, out)) == 0
+    return out
+
+
+def test_report_equals_bias_score_on_the_saved_samples(inputs, finished, capsys):
+    payload = _load(finished)
+    shards = sorted(os.listdir(finished / "samples"))
+    assert shards == [f"{m}_{i:05d}.npy" for m in "ab" for i in range(3)]
+    a, b = (np.concatenate([np.load(finished / "samples" / f"{m}_{i:05d}.npy") for i in range(3)]) for m in "ab")
+    train = [ImageStream(inputs[k], k).read_all() for k in ("train_a", "train_b", "test")]
+    expected = biasfast.bias_score(a, b, train[0], train[1], test=train[2])
+    report = payload["report"]
+    assert report["n_samples"] == N and report["score"] == pytest.approx(expected.score, abs=1e-12)
+    np.testing.assert_allclose(report["own_nn"], expected.own_nn.numpy(), rtol=1e-5, atol=1e-6)
+    assert report["nn_divergence"] == pytest.approx(expected.nn_divergence, rel=1e-4)
+    assert "DDIMScheduler" in payload["schedule"]  # read from the pipeline folder
+    assert payload["versions"]["diffusers"] == diffusers.__version__
+    assert set(payload["timings"]) == {"checks_s", "sampling_s", "search_s", "pictures_s", "total_s"}
+    assert not np.allclose(a, b)
+
+
+def test_gallery_ranks_the_most_copy_like_pairs(finished):
+    payload = _load(finished)
+    own, cross = (torch.tensor(payload["report"][k]) for k in ("own_nn", "cross_nn"))
+    ratio = (own / cross).min(dim=0).values
+    assert payload["gallery_pairs"] == ratio.argsort()[:8].tolist()
+    with Image.open(finished / "gallery.png") as gallery:
+        width, height = gallery.size
+    assert (width, height) == (900, int(100 * (1.6 * 8 + 0.4)))
+    with Image.open(finished / "distances.png") as histograms:
+        assert histograms.size == (770, 440)
+
+
+def test_resume_after_a_kill_between_shards_gives_the_same_report(inputs, finished, tmp_path, monkeypatch):
+    out = tmp_path / "killed"
+    real, calls = audit.save_shard, []
+
+    def killed_after_one(*args):
+        if calls:
+            raise KeyboardInterrupt  # as a SIGINT between shards
+        calls.append(1)
+        real(*args)
+
+    monkeypatch.setattr(audit, "save_shard", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        main(_args(inputs, out))
+    assert sorted(os.listdir(out / "samples")) == ["a_00000.npy", "b_00000.npy"]
+    assert not (out / "report.json").exists()
+    monkeypatch.setattr(audit, "save_shard", real)
+    assert main(_args(inputs, out)) == 2  # no silent overwrite
+    assert main(_args(inputs, out, "--resume")) == 0
+    assert _load(out)["report"] == _load(finished)["report"]
+
+
+class TinyEmbedding(torch.nn.Module):
+    """A fixed random conv embedding for --features (built with no arguments)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_samples_made_elsewhere_memmaps_and_features(tmp_path):
+    rng = np.random.default_rng(1)
+    arrays = {name: rng.uniform(-1, 1, (rows, *SHAPE)).astype(np.float32)
+              for name, rows in (("sa", 7), ("sb", 7), ("ta", 30), ("tb", 31))}
+    for name, array in arrays.items():
+        np.save(tmp_path / f"{name}.npy", array)
+    out = tmp_path / "out"
+    code = main(["audit", "--samples-a", str(tmp_path / "sa.npy"), "--samples-b", str(tmp_path / "sb.npy"),
+                 "--train-a", str(tmp_path / "ta.npy"), "--train-b", str(tmp_path / "tb.npy"), "--metric", "l2",
+                 "--features", "tests.apps.test_audit:TinyEmbedding", "--out", str(out), "--no-progress"])
+    assert code == 0
+    expected = biasfast.bias_score(arrays["sa"], arrays["sb"], arrays["ta"], arrays["tb"], metric="l2",
+                                   features=TinyEmbedding())
+    np.testing.assert_allclose(_load(out)["report"]["own_nn"], expected.own_nn.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _bad_inputs(inputs, tmp_path):
+    """(name, arguments, expected message) for every bad input the audit must refuse."""
+    empty, garbage, mixed, overlap, nomodel = (tmp_path / n for n in ("empty", "garbage", "mixed", "overlap", "nomodel"))
+    empty.mkdir()
+    nomodel.mkdir()
+    shutil.copytree(inputs["train_b"], garbage)
+    (garbage / "broken.png").write_bytes(b"not a png")
+    shutil.copytree(inputs["train_b"], mixed)
+    Image.new("RGB", (9, 8)).save(mixed / "zz_wide.png")
+    shutil.copytree(inputs["train_b"], overlap)
+    for name in ("img000.png", "img002.png"):
+        shutil.copy(os.path.join(inputs["train_a"], "part0", name), overlap / f"copy_{name}")
+    grey = tmp_path / "grey_model"
+    _unet(2, channels=1).save_pretrained(grey)
+
+    def swap(flag, value):
+        args = _args(inputs, tmp_path / f"out_{flag}_{os.path.basename(str(value))}")
+        args[args.index(flag) + 1] = str(value)
+        return args
+
+    return [
+        ("no model", swap("--model-b", nomodel), "holds no diffusers model"),
+        ("wrong shape", swap("--model-b", grey), "--model-b: the model"),
+        ("mixed sizes", swap("--train-b", mixed), "images of mixed sizes: '" + str(mixed / "zz_wide.png")),
+        ("unreadable", swap("--train-b", garbage), "cannot read image '" + str(garbage / "broken.png")),
+        ("empty", swap("--train-b", empty), "holds no PNG or JPEG images"),
+        ("overlap", swap("--train-b", overlap), "overlap: 2 image(s)"),
+        ("missing", swap("--test", tmp_path / "nowhere"), "--test: "),
+        ("both", _args(inputs, tmp_path / "both", "--samples-a", "x.npy"), "pass exactly one of them"),
+        ("resume nothing", _args(inputs, tmp_path / "fresh", "--resume"), "holds no audit to continue"),
+    ]
+
+
+def test_bad_input_gives_a_clear_error_and_writes_nothing(inputs, tmp_path, capsys):
+    for name, args, message in _bad_inputs(inputs, tmp_path):
+        assert main(args) == 2, name
+        error = capsys.readouterr().err
+        assert message in error, (name, error)
+        out = args[args.index("--out") + 1]
+        assert not os.path.exists(os.path.join(out, "report.json")), name
+        assert not os.path.exists(os.path.join(out, "samples")), name

@@ -1,0 +1,199 @@
+"""diffusers as it is: schedules read from its schedulers, its models sampled and trained directly, and biasfast's
+loops equal to diffusers' own scheduler loops from the same x_T and noise (models built from configs, no downloads).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers.training_utils import compute_snr  # noqa: E402
+
+import biasfast  # noqa: E402
+from biasfast.diffusion.losses import SNRWeightedLoss  # noqa: E402
+from biasfast.diffusion.models import denoise  # noqa: E402
+from biasfast.diffusion.sampling import keyed_normal  # noqa: E402
+from biasfast.diffusion.schedules import NoiseSchedule  # noqa: E402
+from biasfast.diffusion.training import Trainer, TrainConfig  # noqa: E402
+from biasfast.metrics.agreement import denoiser_agreement  # noqa: E402
+
+SHAPE = (1, 8, 8)
+
+
+def float32_bound(schedule: NoiseSchedule, steps: int, scale: float) -> float:
+    """What float32 rounding can separate two correct loops by: one ulp per step, amplified by the largest
+    1/sqrt(ᾱ) that turns a model output into x̂0, times the size of the values."""
+    return torch.finfo(torch.float32).eps * steps * float(schedule.alphas_cumprod.rsqrt().max()) * max(1.0, scale)
+
+
+def tiny_unet(seed: int = 0, **extra) -> UNet2DModel:
+    """A 2-level UNet2DModel of ~40k weights, built from a config; a random-weight denoiser is enough to compare
+    two samplers step by step (both see the same model outputs)."""
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, **extra).eval()
+
+
+def test_schedule_reads_the_scheduler_config():
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction",
+                              timestep_spacing="trailing", steps_offset=1, rescale_betas_zero_snr=True,
+                              clip_sample=True, clip_sample_range=2.0)
+    for schedule in (NoiseSchedule.from_diffusers(scheduler), NoiseSchedule(scheduler), biasfast.NoiseSchedule(scheduler)):
+        torch.testing.assert_close(schedule.alphas_cumprod, scheduler.alphas_cumprod.double(), rtol=0, atol=0)
+        assert (schedule.prediction, schedule.spacing, schedule.steps_offset) == ("v_prediction", "trailing", 1)
+        assert schedule.zero_terminal_snr and schedule.snr[-1] == 0 and schedule.clip_sample == 2.0
+    plain = NoiseSchedule(DDPMScheduler(clip_sample=False))
+    assert plain.clip_sample is None and not plain.zero_terminal_snr and plain.prediction == "epsilon"
+    torch.testing.assert_close(plain.alphas_cumprod, NoiseSchedule("linear").alphas_cumprod, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", [DDPMScheduler, DDIMScheduler])
+@pytest.mark.parametrize("spacing,offset", [("leading", 0), ("leading", 1), ("trailing", 0), ("linspace", 0)])
+def test_timesteps_equal_the_schedulers(kind, spacing, offset):
+    scheduler = kind(timestep_spacing=spacing, steps_offset=offset)
+    schedule = NoiseSchedule(scheduler)
+    for steps in (7, 50, 333):
+        scheduler.set_timesteps(steps)
+        assert schedule.timesteps(steps).tolist() == scheduler.timesteps.tolist(), (spacing, offset, steps)
+
+
+def test_schedule_errors():
+    with pytest.raises(TypeError, match="scheduler: expected a diffusers scheduler"):
+        NoiseSchedule.from_diffusers(object())
+    with pytest.raises(TypeError, match="schedule: expected a name, an alphas_cumprod tensor or a diffusers"):
+        NoiseSchedule(3.0)
+    with pytest.raises(ValueError, match="prediction: unknown 'flow'"):
+        NoiseSchedule("linear", prediction="flow")
+    with pytest.raises(ValueError, match="steps: 1000 leading steps with steps_offset 1 reach timestep 1000"):
+        NoiseSchedule(DDPMScheduler(steps_offset=1)).timesteps(1000)
+
+
+def _diffusers_ddim(unet, scheduler, x_T, steps, eta, noises):
+    scheduler.set_timesteps(steps)
+    x = x_T.clone()
+    for k, t in enumerate(scheduler.timesteps):
+        out = unet(x, t).sample
+        x = scheduler.step(out, t, x, eta=eta, variance_noise=noises[k] if eta > 0 else None).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("config", [dict(), dict(timestep_spacing="trailing", prediction_type="v_prediction"),
+                                    dict(steps_offset=1, clip_sample=False)])
+def test_ddim_loop_equals_diffusers(eta, config, one_thread):
+    unet, scheduler, n, steps, seed = tiny_unet(), DDIMScheduler(**config), 3, 25, 11
+    schedule = NoiseSchedule(scheduler)
+    x_T = keyed_normal(seed, range(n), 0, SHAPE, torch.device("cpu"), torch.float32)
+    noises = [keyed_normal(seed, range(n), k + 1, SHAPE, torch.device("cpu"), torch.float32) for k in range(steps)]
+    with torch.no_grad():
+        expected = _diffusers_ddim(unet, scheduler, x_T, steps, eta, noises)
+    ours = biasfast.sample(unet, (n, *SHAPE), schedule, steps=steps, method="ddim", eta=eta, seed=seed,
+                           progress=False)
+    # float32 on both sides (diffusers' coefficients too); the fused step orders its arithmetic differently
+    bound = float32_bound(schedule, steps, float(expected.abs().max()))
+    assert (ours - expected).abs().max() <= bound < (expected - x_T).abs().max()
+
+
+def test_ddpm_full_loop_equals_diffusers(monkeypatch, one_thread):
+    """Every one of T = 200 ancestral steps, with diffusers' default clipping of x̂0 to ±1; diffusers draws its
+    noise with `randn_tensor`, which is replaced by biasfast's keyed noise of the same step."""
+    from diffusers.schedulers import scheduling_ddpm
+
+    unet, scheduler, n, seed = tiny_unet(1), DDPMScheduler(num_train_timesteps=200), 2, 5
+    schedule = NoiseSchedule(scheduler)
+    x_T = keyed_normal(seed, range(n), 0, SHAPE, torch.device("cpu"), torch.float32)
+    step = {"k": 0}
+
+    def keyed_randn(shape, generator=None, device=None, dtype=None, **_):
+        step["k"] += 1
+        return keyed_normal(seed, range(n), step["k"], SHAPE, torch.device("cpu"), dtype)
+
+    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", keyed_randn)
+    scheduler.set_timesteps(200)
+    x = x_T.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+    assert step["k"] == 199  # no noise at t = 0
+    ours = biasfast.sample(unet, (n, *SHAPE), schedule, method="ddpm", seed=seed, progress=False)
+    assert (ours - x).abs().max() <= float32_bound(schedule, 200, float(x.abs().max())) < (x - x_T).abs().max()
+
+
+def test_class_labels_go_by_keyword_and_coupled_models_work(one_thread):
+    unet_a, unet_b = tiny_unet(0, num_class_embeds=3), tiny_unet(1, num_class_embeds=3)
+    schedule = NoiseSchedule(DDIMScheduler())
+    labels = torch.tensor([0, 2, 1])
+    a, b = biasfast.sample_coupled([unet_a, unet_b], 3, SHAPE, schedule, steps=6, class_labels=labels,
+                                   progress=False)
+    wrapped = biasfast.sample(lambda x, t, c: unet_a(x, t, class_labels=c).sample, (3, *SHAPE), schedule, steps=6,
+                              class_labels=labels, progress=False)
+    torch.testing.assert_close(a, wrapped, rtol=0, atol=0)
+    assert not torch.equal(a, b)
+    other = biasfast.sample(unet_a, (3, *SHAPE), schedule, steps=6, class_labels=torch.tensor([1, 1, 1]),
+                            progress=False)
+    assert not torch.equal(a, other)  # the labels reached the model
+
+
+def test_denoise_unwraps_outputs():
+    x, t = torch.randn(2, *SHAPE), torch.tensor([3, 9])
+    unet = tiny_unet()
+    with torch.no_grad():
+        expected = unet(x, t).sample
+        torch.testing.assert_close(denoise(unet, x, t), expected, rtol=0, atol=0)
+        torch.testing.assert_close(denoise(lambda x, t: (expected,), x, t), expected, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="model: expected the model to return a tensor"):
+        denoise(lambda x, t: {"sample": x}, x, t)
+
+
+def test_denoiser_agreement_takes_diffusers_models(one_thread):
+    unet_a, unet_b = tiny_unet(0), tiny_unet(1)
+    schedule = NoiseSchedule(DDPMScheduler())
+    train, test = torch.randn(5, *SHAPE), torch.randn(4, *SHAPE)
+    direct = denoiser_agreement(unet_a, unet_b, train, test, 100, schedule)
+    wrapped = denoiser_agreement(lambda x, t: unet_a(x, t).sample, lambda x, t: unet_b(x, t).sample, train, test,
+                                 100, schedule)
+    assert direct.train == wrapped.train and direct.test == wrapped.test
+
+
+class _Unwrapped(torch.nn.Module):
+    def __init__(self, unet: UNet2DModel) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t):
+        return self.unet(x, t).sample
+
+
+def test_trainer_trains_a_diffusers_model_as_a_wrapped_one(one_thread):
+    images = torch.rand(6, *SHAPE) * 2 - 1
+    schedule = NoiseSchedule(DDPMScheduler())
+    config = TrainConfig(batch_size=4, lr=1e-3, weighting="min_snr", seed=3)
+    direct = Trainer(tiny_unet(), images, schedule, config)
+    wrapped = Trainer(_Unwrapped(tiny_unet()), images, schedule, config)
+    losses = [(direct.train_step(), wrapped.train_step()) for _ in range(3)]
+    for ours, reference in losses:
+        assert ours == pytest.approx(reference, rel=1e-6)
+    assert losses[0][0] != losses[2][0]
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_min_snr_diffusers_convention_equals_the_training_scripts(prediction):
+    """diffusers' examples/text_to_image/train_text_to_image.py (huggingface/diffusers at 000280f5): with
+    `--snr_gamma`, snr = compute_snr(noise_scheduler, timesteps), plus 1 for v-prediction, and
+    mse_loss_weights = min(snr, γ) / snr multiplies the per-sample MSE before the batch mean."""
+    scheduler, gamma = DDPMScheduler(prediction_type=prediction), 5.0
+    schedule = NoiseSchedule(scheduler)
+    timesteps = torch.randint(0, 1000, (37,))
+    pred, target = torch.randn(37, 1, 5, 3), torch.randn(37, 1, 5, 3)
+    snr = compute_snr(scheduler, timesteps)
+    if prediction == "v_prediction":
+        snr = snr + 1
+    weights = torch.stack([snr, gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0] / snr
+    expected = ((pred - target) ** 2).mean(dim=(1, 2, 3)) * weights
+    criterion = SNRWeightedLoss(schedule, "min_snr", prediction, gamma=gamma, convention="diffusers")
+    torch.testing.assert_close(criterion(pred, target, timesteps), expected.mean(), rtol=1e-5, atol=0)

@@ -60,6 +60,8 @@ def sampler_step(
         raise ValueError(f"alphas_cumprod: expected a 1-D float64 table on {x_t.device}, got {alphas_cumprod.dtype} "
                          f"of shape {tuple(alphas_cumprod.shape)} on {alphas_cumprod.device}")
     batch, steps = x_t.shape[0], alphas_cumprod.shape[0]
+    if isinstance(t, int) and isinstance(t_prev, int) and not t_prev < t:  # also for an empty batch
+        raise ValueError(f"t_prev: values must satisfy -1 <= t_prev < t, got t={t}, t_prev={t_prev}")
     t = _timestep_tensor(t, "t", batch, x_t.device, steps)
     t_prev = _timestep_tensor(t_prev, "t_prev", batch, x_t.device, steps)
     _check_order(t, t_prev, steps)

@@ -3,7 +3,7 @@ be killed, after creating the file MARKER, so a test can SIGKILL it at a known m
 
 POINT is `write:PREFIX:N` (halfway through the N-th atomic write of a file whose "folder/name" starts with
 PREFIX: the temporary file holds half the bytes and the rename has not happened; `write:checkpoints/step_:1`
-is the first checkpoint `biasfast run` writes, `write:A/state.pt:2` the second training state of model A of
+is the first checkpoint `biasfast run` writes, `write:models/pair_state.pt:2` the second training state of the pair of
 `biasfast hierarchy`) or `sampling:N`
 (inside the N-th `sample_coupled` call of `biasfast run`, before its samples exist). The patch wraps the real functions, so everything up to POINT runs as in `biasfast`. `start_biasfast`,
 `wait_for` and `kill` are the test side.

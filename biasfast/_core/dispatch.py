@@ -32,6 +32,7 @@ class TritonKernel:
 
 
 _TRITON: dict[str, TritonKernel] = {}  # "<op>" or "<op>.<overload>" -> its Triton CUDA kernel
+_SERVED: set[tuple[str, str]] = set()  # (op, device) pairs known to have a kernel: skips the dispatcher query
 
 
 def triton_available() -> bool:
@@ -94,9 +95,12 @@ def require_kernel(name: str, tensor: torch.Tensor, argument: str) -> None:
     if torch.compiler.is_compiling():
         return
     device = tensor.device.type
+    if (name, device) in _SERVED:
+        return
     if device not in ("cpu", "cuda"):
         raise ValueError(f"{argument}: unsupported device {tensor.device}; expected cpu or cuda")
     if implementation(name, device) in ("C++", "CUDA C++", "Triton"):
+        _SERVED.add((name, device))  # registrations only ever add kernels: the answer stays true
         return
     detail = implementation(name, device)
     why = detail[detail.find(":") + 2:-1] if detail.startswith("Triton") else "this build has no such kernel"

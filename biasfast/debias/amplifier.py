@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from biasfast.data.colored_digits import NUM_CLASSES, check_labelled_images
-from biasfast.debias.classifier import SmallCNN, TrainConfig, predict_logits, run_epochs
+from biasfast.debias.classifier import SmallCNN, ClassifierConfig, predict_logits, run_epochs
 from biasfast.debias.rules import gce_loss
 
 
@@ -25,7 +25,7 @@ class BiasAmplifier:
         width: int = 16,
         gce: bool = True,
         q: float = 0.7,
-        config: TrainConfig = TrainConfig(epochs=5),
+        config: ClassifierConfig = ClassifierConfig(epochs=5),
         seed: int = 0,
     ) -> None:
         self.num_classes, self.gce, self.q, self.config, self.seed = num_classes, gce, q, config, seed

@@ -16,7 +16,7 @@ import torch
 
 from biasfast.data.colored_digits import ALIGNED_RATIOS, ColoredDigits, colored_digits, read_colour
 from biasfast.debias.amplifier import BiasAmplifier
-from biasfast.debias.classifier import TrainConfig
+from biasfast.debias.classifier import ClassifierConfig
 from biasfast.debias.evaluation import GROUP_METRICS, evaluate, summarize_runs
 from biasfast.debias.recipes import recipe_one, recipe_two, train_erm, train_jtt, train_lff
 
@@ -34,16 +34,16 @@ class BenchmarkConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     ratios: tuple[float, ...] = ALIGNED_RATIOS
     repeats: int = 3
-    classifier: TrainConfig = TrainConfig(epochs=16, lr=3e-3)
-    amplifier: TrainConfig = TrainConfig(epochs=50, lr=3e-3)  # long enough that a real-data BA memorises
+    classifier: ClassifierConfig = ClassifierConfig(epochs=16, lr=3e-3)
+    amplifier: ClassifierConfig = ClassifierConfig(epochs=50, lr=3e-3)  # long enough that a real-data BA memorises
     width: int = 8
     group_dro_step_size: float = 0.01
     jtt_up_weight: int = 20
 
     @classmethod
     def quick(cls) -> "BenchmarkConfig":
-        return cls(ratios=(0.99,), repeats=2, classifier=TrainConfig(epochs=12, lr=3e-3),
-                   amplifier=TrainConfig(epochs=20, lr=3e-3))
+        return cls(ratios=(0.99,), repeats=2, classifier=ClassifierConfig(epochs=12, lr=3e-3),
+                   amplifier=ClassifierConfig(epochs=20, lr=3e-3))
 
 
 def method_name(recipe: int | None, baseline: str | None) -> str:

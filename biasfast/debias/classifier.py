@@ -29,7 +29,7 @@ class SmallCNN(nn.Module):
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class ClassifierConfig:
     """Optimiser and schedule for one classifier (Adam, as LfF/JTT use)."""
 
     epochs: int = 12
@@ -39,7 +39,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(f"TrainConfig: epochs, batch_size >= 1, lr > 0, weight_decay >= 0 required, got {self}")
+            raise ValueError(f"ClassifierConfig: epochs, batch_size >= 1, lr > 0, weight_decay >= 0 required, got {self}")
 
 
 Step = Callable[[torch.Tensor], torch.Tensor]
@@ -50,7 +50,7 @@ def run_epochs(
     step: Step,
     params: Iterable[torch.nn.Parameter],
     n: int,
-    config: TrainConfig,
+    config: ClassifierConfig,
     *,
     seed: int,
     sample_weights: torch.Tensor | None = None,

@@ -12,7 +12,7 @@ from torch import nn
 
 from biasfast.data.colored_digits import NUM_CLASSES, ColoredSplit, check_labelled_images
 from biasfast.debias.amplifier import BiasAmplifier
-from biasfast.debias.classifier import KeepBest, SmallCNN, TrainConfig, predict_logits, run_epochs
+from biasfast.debias.classifier import KeepBest, SmallCNN, ClassifierConfig, predict_logits, run_epochs
 from biasfast.debias.rules import PerSampleEMA, gce_loss, group_dro_step, group_means, jtt_indices, relative_difficulty
 
 
@@ -26,7 +26,7 @@ def _selector(model: nn.Module, val: ColoredSplit | None) -> KeepBest:
 
 
 def train_erm(
-    train: ColoredSplit, val: ColoredSplit | None = None, *, config: TrainConfig = TrainConfig(), seed: int = 0,
+    train: ColoredSplit, val: ColoredSplit | None = None, *, config: ClassifierConfig = ClassifierConfig(), seed: int = 0,
     width: int = 16, index_pool: torch.Tensor | None = None,
 ) -> nn.Module:
     """Plain cross-entropy (on `index_pool` if given: JTT's up-sampled set)."""
@@ -47,7 +47,7 @@ def pseudo_groups(labels: torch.Tensor, conflicting: torch.Tensor) -> torch.Tens
 
 def train_group_dro(
     train: ColoredSplit, groups: torch.Tensor, val: ColoredSplit | None = None, *, step_size: float = 0.01,
-    reweight_groups: bool = True, config: TrainConfig = TrainConfig(), seed: int = 0, width: int = 16,
+    reweight_groups: bool = True, config: ClassifierConfig = ClassifierConfig(), seed: int = 0, width: int = 16,
 ) -> nn.Module:
     """GroupDRO with exponentiated-gradient group weights (η = step_size) on the given (pseudo-)groups, with
     group-balanced sampling (`--reweight_groups`) by default."""
@@ -73,7 +73,7 @@ def train_group_dro(
 
 def recipe_one(
     train: ColoredSplit, amplifier: BiasAmplifier, val: ColoredSplit | None = None, *, step_size: float = 0.01,
-    threshold: float | None = None, config: TrainConfig = TrainConfig(), seed: int = 0, width: int = 16,
+    threshold: float | None = None, config: ClassifierConfig = ClassifierConfig(), seed: int = 0, width: int = 16,
 ) -> nn.Module:
     """DDB Recipe I: pseudo-groups from the amplifier (misclassified ⇒ conflicting), then GroupDRO."""
     conflicting = amplifier.predict_conflicting(train.images, train.labels, threshold)
@@ -94,7 +94,7 @@ def _lff_weights(
 
 def recipe_two(
     train: ColoredSplit, amplifier: BiasAmplifier, bias_images: torch.Tensor, bias_labels: torch.Tensor,
-    val: ColoredSplit | None = None, *, alpha: float = 0.7, config: TrainConfig = TrainConfig(), seed: int = 0,
+    val: ColoredSplit | None = None, *, alpha: float = 0.7, config: ClassifierConfig = ClassifierConfig(), seed: int = 0,
     width: int = 16,
 ) -> nn.Module:
     """DDB Recipe II: the amplifier and the target are trained together (the seed paper's Fig. 5), LfF-style.
@@ -128,7 +128,7 @@ def recipe_two(
 
 def train_lff(
     train: ColoredSplit, val: ColoredSplit | None = None, *, q: float = 0.7, alpha: float = 0.7,
-    config: TrainConfig = TrainConfig(), seed: int = 0, width: int = 16,
+    config: ClassifierConfig = ClassifierConfig(), seed: int = 0, width: int = 16,
 ) -> nn.Module:
     """LfF: a GCE-trained biased model on the real data, jointly with the W-weighted debiased model."""
     model_d = _new_model(train, seed, width)
@@ -151,13 +151,13 @@ def train_lff(
 
 def train_jtt(
     train: ColoredSplit, val: ColoredSplit | None = None, *, first_epochs: int = 1, up_weight: int = 20,
-    config: TrainConfig = TrainConfig(), seed: int = 0, width: int = 16,
+    config: ClassifierConfig = ClassifierConfig(), seed: int = 0, width: int = 16,
 ) -> nn.Module:
     """JTT: ERM for `first_epochs`, error set = its training mistakes, then ERM with the errors λ_up + 1 times."""
-    stage_one = train_erm(train, None, config=TrainConfig(first_epochs, config.batch_size, config.lr,
+    stage_one = train_erm(train, None, config=ClassifierConfig(first_epochs, config.batch_size, config.lr,
                                                           config.weight_decay), seed=seed, width=width)
     errors = predict_logits(stage_one, train.images).argmax(1) != train.labels
     pool = jtt_indices(errors, up_weight)
     epochs = max(1, round(config.epochs * len(train) / pool.numel()))  # same number of steps as ERM
-    stage_two = TrainConfig(epochs, config.batch_size, config.lr, config.weight_decay)
+    stage_two = ClassifierConfig(epochs, config.batch_size, config.lr, config.weight_decay)
     return train_erm(train, val, config=stage_two, seed=seed + 1, width=width, index_pool=pool)

@@ -10,7 +10,7 @@ from torch import nn
 from biasfast.data.colored_digits import ColoredSplit, colored_digits
 from biasfast.debias.amplifier import BiasAmplifier
 from biasfast.debias.benchmark import BenchmarkConfig, method_name, run_benchmark, run_method, with_overrides
-from biasfast.debias.classifier import TrainConfig
+from biasfast.debias.classifier import ClassifierConfig
 from biasfast.debias.evaluation import accuracy_metrics, evaluate, summarize_runs
 from biasfast.debias.recipes import _lff_weights, pseudo_groups, recipe_two, train_group_dro
 from biasfast.debias.rules import (
@@ -107,7 +107,7 @@ def test_recipe_two_trains_the_amplifier_with_the_target_and_keeps_aligned_accur
     train, aligned = small_data.train, small_data.train.aligned
     amp = BiasAmplifier(width=8, seed=1)
     before = [p.detach().clone() for p in amp.model.parameters()]
-    model = recipe_two(train, amp, train.images[aligned], train.labels[aligned], config=TrainConfig(epochs=3, lr=3e-3),
+    model = recipe_two(train, amp, train.images[aligned], train.labels[aligned], config=ClassifierConfig(epochs=3, lr=3e-3),
                        width=8)
     assert all(not torch.equal(b, p) for b, p in zip(before, amp.model.parameters()))
     metrics = evaluate(model, small_data.test)
@@ -155,7 +155,7 @@ def test_amplifier_score_is_one_minus_own_label_probability():
 def test_amplifier_on_aligned_images_flags_conflicting(small_data):
     train = small_data.train
     aligned = train.aligned
-    amp = BiasAmplifier(width=8, config=TrainConfig(epochs=3, lr=3e-3)).fit(train.images[aligned], train.labels[aligned])
+    amp = BiasAmplifier(width=8, config=ClassifierConfig(epochs=3, lr=3e-3)).fit(train.images[aligned], train.labels[aligned])
     score = amp.score(train.images, train.labels)
     # AUC of the score for aligned vs conflicting: the shortcut-only amplifier ranks conflicting samples first.
     conf, ali = score[~aligned], score[aligned]
@@ -181,7 +181,7 @@ def test_metrics_hand_computed():
 
 
 def test_quick_end_to_end_ddb_real_beats_erm_on_conflicting(small_data):
-    config = with_overrides(BenchmarkConfig.quick(), classifier=TrainConfig(epochs=6, lr=3e-3))
+    config = with_overrides(BenchmarkConfig.quick(), classifier=ClassifierConfig(epochs=6, lr=3e-3))
     erm = run_method(small_data, "erm", 0, config)
     ddb = run_method(small_data, "ddb-real-1", 0, config)
     for m in (erm, ddb):
@@ -191,7 +191,7 @@ def test_quick_end_to_end_ddb_real_beats_erm_on_conflicting(small_data):
 
 
 def test_run_benchmark_results_do_not_depend_on_jobs():
-    config = BenchmarkConfig(seeds=(0, 1), ratios=(0.95,), repeats=1, classifier=TrainConfig(epochs=1), width=4)
+    config = BenchmarkConfig(seeds=(0, 1), ratios=(0.95,), repeats=1, classifier=ClassifierConfig(epochs=1), width=4)
     serial = run_benchmark(("erm", "jtt"), config, log=lambda s: None)
     parallel = run_benchmark(("erm", "jtt"), config, log=lambda s: None, jobs=2)
     assert serial == parallel and len(serial[0.95]["erm"]) == 2

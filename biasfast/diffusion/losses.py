@@ -12,7 +12,22 @@ from biasfast.diffusion.schedules import NoiseSchedule
 from biasfast.diffusion.weighting import weighting as weight_table
 
 
-class SNRWeightedLoss(torch.nn.Module):
+class _WeightedLoss(torch.nn.Module):
+    """What every loss module shares: the reduction check and the per-timestep weight table, built once as a
+    float64 buffer from `biasfast.weighting` (`criterion.to(device)` once avoids copying it every step)."""
+
+    def __init__(self, schedule: NoiseSchedule, weighting: str, prediction: str, reduction: str, **params) -> None:
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+        self.weighting, self.prediction, self.reduction = weighting, prediction, reduction
+        self.register_buffer("weights", weight_table(weighting, schedule, prediction, **params), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"weighting={self.weighting!r}, prediction={self.prediction!r}, reduction={self.reduction!r}"
+
+
+class SNRWeightedLoss(_WeightedLoss):
     """`loss = criterion(model_pred, target, timesteps)` with per-timestep weights from `biasfast.weighting`.
 
     The default is the Unmasking-Bias (Debias) weighting 1/√SNR for an ε-predicting model. The weight table
@@ -29,12 +44,8 @@ class SNRWeightedLoss(torch.nn.Module):
         return_per_sample: bool = False,
         **params,
     ) -> None:
-        super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-        self.weighting, self.prediction, self.reduction = weighting, prediction, reduction
+        super().__init__(schedule, weighting, prediction, reduction, **params)
         self.return_per_sample = return_per_sample
-        self.register_buffer("weights", weight_table(weighting, schedule, prediction, **params), persistent=False)
 
     def forward(
         self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor
@@ -42,12 +53,8 @@ class SNRWeightedLoss(torch.nn.Module):
         weights = self.weights.to(model_pred.device)
         return snr_weighted_loss(model_pred, target, timesteps, weights, self.reduction, self.return_per_sample)
 
-    def extra_repr(self) -> str:
-        return f"weighting={self.weighting!r}, prediction={self.prediction!r}, reduction={self.reduction!r}"
 
-
-
-class HybridLoss(torch.nn.Module):
+class HybridLoss(_WeightedLoss):
     """`loss = criterion(model_output, x_start, noise, timesteps)`: guided-diffusion's learned-variance hybrid
     loss (weighted MSE + L_vlb × T/1000, as the released Debias code trains), on the fused op.
 
@@ -66,14 +73,10 @@ class HybridLoss(torch.nn.Module):
         return_terms: bool = False,
         **params,
     ) -> None:
-        super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
         if prediction not in HYBRID_PREDICTIONS:
             raise ValueError(f"prediction: expected one of {HYBRID_PREDICTIONS}, got {prediction!r}")
-        self.weighting, self.prediction, self.reduction = weighting, prediction, reduction
+        super().__init__(schedule, weighting, prediction, reduction, **params)
         self.return_terms = return_terms
-        self.register_buffer("weights", weight_table(weighting, schedule, prediction, **params), persistent=False)
         self.register_buffer("table", hybrid_loss_table(schedule), persistent=False)
 
     def forward(

@@ -86,6 +86,3 @@ class HybridLoss(_WeightedLoss):
         return hybrid_loss_from_table(model_output, x_start, noise, timesteps, self.table.to(device),
                                       self.weights.to(device), prediction=self.prediction,
                                       reduction=self.reduction, return_terms=self.return_terms)
-
-    def extra_repr(self) -> str:
-        return f"weighting={self.weighting!r}, prediction={self.prediction!r}, reduction={self.reduction!r}"

@@ -70,7 +70,13 @@ def search_shards(
     status = _all_gather(torch.tensor([int(error is not None), fingerprint]), group, device)
     failed = [rank for rank, s in enumerate(status) if int(s[0])]
     if error is not None:
-        raise error
+        # Drop the local before raising: the traceback holds this frame, and a frame that holds its own
+        # exception is a cycle that keeps the process group alive until interpreter shutdown, where gloo's
+        # threads, joined during the final collection, abort the process.
+        try:
+            raise error
+        finally:
+            error = None
     if failed:
         raise RuntimeError(f"bias_score failed on rank(s) {failed} of the group; see the error raised there")
     if len({int(s[1]) for s in status}) > 1:

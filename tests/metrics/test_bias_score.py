@@ -399,6 +399,21 @@ def _sharded_report(rank: int, poison: bool) -> dict:
         return {"error": type(error).__name__, "message": str(error)}
 
 
+def _frames_left_in_cycles() -> list[str]:
+    """Names of biasfast frames that only the cycle collector would free: a failed rank's exception kept
+    alive this way holds the process group until interpreter shutdown, where gloo aborts the process."""
+    import gc
+
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        return sorted({o.f_code.co_name for o in gc.garbage
+                       if type(o).__name__ == "frame" and "biasfast" in o.f_code.co_filename})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+
 def _sharded_worker(rank: int, world: int, out_dir: str) -> None:
     import datetime
 
@@ -411,6 +426,7 @@ def _sharded_worker(rank: int, world: int, out_dir: str) -> None:
                             timeout=datetime.timedelta(seconds=120))
     try:
         result = {"clean": _sharded_report(rank, poison=False), "poisoned": _sharded_report(rank, poison=True)}
+        result["frames_in_cycles"] = _frames_left_in_cycles()
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as stream:
             json.dump(result, stream)
     finally:
@@ -431,6 +447,7 @@ def test_sharded_training_sets_give_the_single_process_report_and_failures_reach
     assert "contains NaN or Inf (first bad row 2)" in rank1["poisoned"]["message"]
     assert rank1["poisoned"]["message"].startswith("train_b")
     assert rank0["poisoned"]["error"] == "RuntimeError" and "failed on rank(s) [1]" in rank0["poisoned"]["message"]
+    assert rank0["frames_in_cycles"] == rank1["frames_in_cycles"] == []
 
 
 def test_training_sets_that_overlap_entirely_are_an_error():

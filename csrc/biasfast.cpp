@@ -6,7 +6,10 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <stdexcept>
 #include <string>
+
+#include "common/isa.h"
 
 #ifndef BIASFAST_TORCH_VERSION
 #define BIASFAST_TORCH_VERSION "unknown"
@@ -37,8 +40,19 @@ PyObject* build_info(PyObject*, PyObject*) {
   return PyUnicode_FromString(build_info_json().c_str());
 }
 
+// The CPU kernel variant in use (common/isa.h); a ValueError naming BIASFAST_CPU_ISA for a value it cannot honour.
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(biasfast::cpu_isa());
+  } catch (const std::invalid_argument& error) {
+    PyErr_SetString(PyExc_ValueError, error.what());
+    return nullptr;
+  }
+}
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "JSON description of how this extension was compiled."},
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The CPU kernel variant in use: 'avx2' or 'generic' (BIASFAST_CPU_ISA)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "biasfast compiled operators", -1, methods};

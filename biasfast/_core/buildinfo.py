@@ -42,6 +42,8 @@ def collect() -> dict:
         "build": extension.BUILD_INFO,
         "cpu": _cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_isa": extension.CPU_ISA,
+        "cpu_isa_forced": extension.CPU_ISA_SETTING,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": gpu,
@@ -65,6 +67,8 @@ def info() -> str:
         )
     lines += [
         f"CPU: {c['cpu']} ({c['cores']} cores, ATen capability {c['cpu_capability']}, {c['torch_threads']} threads)",
+        f"CPU kernels: {c['cpu_isa'] or 'not loaded'} variant "
+        f"({'BIASFAST_CPU_ISA=' + c['cpu_isa_forced'] if c['cpu_isa_forced'] else 'chosen by the CPU; BIASFAST_CPU_ISA unset'})",
         f"GPU: {c['gpu'] or 'none'}   Triton kernels: {'registered' if c['triton_kernels'] else 'not registered'}",
         "ops (implementation on cpu / cuda):",
     ]

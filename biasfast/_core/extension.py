@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import torch
@@ -18,6 +19,11 @@ except ImportError as error:  # missing, or built for another torch (undefined s
     _C = None
     LOAD_ERROR = str(error)
     BUILD_INFO = {}
+
+# The CPU kernel variant, "avx2" or "generic", fixed here once (BIASFAST_CPU_ISA forces it; a value the CPU or the
+# build cannot honour raises a ValueError naming the variable, at import rather than in the middle of a run).
+CPU_ISA_SETTING: str | None = os.environ.get("BIASFAST_CPU_ISA") or None
+CPU_ISA: str | None = _C.cpu_isa() if _C is not None else None
 
 if _C is not None and BUILD_INFO.get("torch_version") != torch.__version__:
     LOAD_ERROR = (

@@ -1,8 +1,16 @@
 // The one vector instruction set the CPU kernels add to the portable build, and the one run-time check that
 // chooses it. The build stays baseline x86-64; a kernel's AVX2 variant carries BIASFAST_AVX2 and runs only where
-// cpu_has_avx2() holds. One level for every kernel (AVX2 with FMA and F16C, which every AVX2 CPU has), so no
+// use_avx2() holds. One level for every kernel (AVX2 with FMA and F16C, which every AVX2 CPU has), so no
 // kernel carries its own feature test.
+//
+// BIASFAST_CPU_ISA=generic forces every kernel's portable variant (so tests and CI run the code that CPUs without
+// AVX2 get), =avx2 requires the AVX2 one; unset or empty chooses by the CPU. It is read once, when the extension
+// loads (biasfast/_core/extension.py calls cpu_isa(), which raises on a bad value), so a run never mixes variants.
 #pragma once
+
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define BIASFAST_HAVE_AVX2_BUILD 1
@@ -10,14 +18,43 @@
 // The same level without FMA, for float64 sums that must round every product as the portable code does: GCC
 // contracts a · b + c (intrinsics included) into one FMA wherever FMA is enabled.
 #define BIASFAST_AVX2_NO_FMA __attribute__((target("avx2,f16c")))
+#endif
 
 namespace biasfast {
 
-inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
+// Whether this build has AVX2 variants and this CPU can run them.
+inline bool cpu_supports_avx2() {
+#ifdef BIASFAST_HAVE_AVX2_BUILD
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
 }
 
+// The variant BIASFAST_CPU_ISA asks for; std::invalid_argument naming the variable for a value it cannot honour.
+inline bool avx2_requested() {
+  const char* value = std::getenv("BIASFAST_CPU_ISA");
+  if (value == nullptr || *value == '\0') return cpu_supports_avx2();
+  const std::string isa(value);
+  if (isa == "generic") return false;
+  if (isa == "avx2") {
+    if (!cpu_supports_avx2())
+      throw std::invalid_argument(
+          "BIASFAST_CPU_ISA=avx2, but this CPU (or this build) has no AVX2+FMA+F16C; unset BIASFAST_CPU_ISA or set "
+          "it to 'generic'");
+    return true;
+  }
+  throw std::invalid_argument("BIASFAST_CPU_ISA='" + isa +
+                              "' is not a CPU kernel variant; expected 'generic' or 'avx2' (or unset: chosen by the CPU)");
+}
+
+// Whether the CPU kernels run their AVX2 variant: the single point every kernel consults.
+inline bool use_avx2() {
+  static const bool use = avx2_requested();
+  return use;
+}
+
+// The variant in use, "avx2" or "generic" (reported by biasfast.info()).
+inline const char* cpu_isa() { return use_avx2() ? "avx2" : "generic"; }
+
 }  // namespace biasfast
-#endif

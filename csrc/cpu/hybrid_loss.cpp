@@ -166,7 +166,7 @@ void kl_chunk(const scalar_t* p, const scalar_t* v, const scalar_t* q, scalar_t*
               int64_t n, const KlCoefs<acc_t>& c, bool stream, double& mse, double& kl) {
 #ifdef BIASFAST_X86
   if constexpr (!std::is_same_v<acc_t, double>) {
-    if (cpu_has_avx2()) {
+    if (use_avx2()) {
       const int64_t head = std::min(n, (kUnit - offset % kUnit) % kUnit);
       const int64_t body = (n - head) / kUnit * kUnit;
       kl_portable(p, v, q, gp, gv, head, c, mse, kl);

@@ -110,7 +110,7 @@ BIASFAST_AVX2 float body_avx2(const scalar_t* p, const scalar_t* q, scalar_t* g,
 template <typename scalar_t>
 float chunk_sum(const scalar_t* p, const scalar_t* q, scalar_t* g, int64_t start, int64_t n, float coef, bool stream) {
 #ifdef BIASFAST_X86
-  if (cpu_has_avx2()) {
+  if (use_avx2()) {
     const int64_t head = std::min(n, (kUnit - start % kUnit) % kUnit);
     const int64_t body = (n - head) / kUnit * kUnit;
     float sum = chunk_portable(p, q, g, head, coef);

@@ -33,16 +33,6 @@ BIASFAST_AVX2 void run_range_avx2(const Plan<T>& plan, const T* evidence, const 
 }
 #endif
 
-// BIASFAST_TREE_BP_PORTABLE=1 forces the portable path (read once; the tests use it to cover that path).
-bool use_avx2() {
-#ifdef BIASFAST_HAVE_AVX2_BUILD
-  static const bool use = cpu_has_avx2() && std::getenv("BIASFAST_TREE_BP_PORTABLE") == nullptr;
-  return use;
-#else
-  return false;
-#endif
-}
-
 template <typename T>
 void run(const Plan<T>& plan, const T* evidence, const T* scale, T* out, T* log_z, int64_t batch) {
   constexpr int64_t lanes = Lanes<T>::W;

@@ -11,6 +11,7 @@ import torch
 
 from biasfast.ops import reference
 from biasfast.hierarchy import FilteredHierarchicalModel, tree_bp
+from tests.cpu_features import cpu_has_avx2
 from tests.tolerances import assert_close_to_reference
 
 SMALL = [(3, 2, 2), (3, 3, 2), (4, 2, 3), (4, 3, 3)]  # (q, depth, q_eff)
@@ -222,25 +223,28 @@ def test_posterior_samples_follow_the_exact_posterior():
 
 
 def test_portable_path_matches_the_avx2_path():
-    # The kernel picks AVX2+FMA at run time; BIASFAST_TREE_BP_PORTABLE=1 forces the portable build of the same code.
+    # BIASFAST_CPU_ISA forces the kernel's portable or AVX2+FMA build of the same code; each run reports the
+    # variant it used, so neither side can silently be the other.
     script = (
-        "import torch, biasfast\n"
+        "import torch, biasfast, sys\n"
+        "from biasfast._core import extension\n"
         "from biasfast.hierarchy import FilteredHierarchicalModel\n"
         "torch.manual_seed(0)\n"
         "m = FilteredHierarchicalModel()\n"
         "x = torch.nn.functional.one_hot(m.sample(203), 6) * 0.8 + 0.6 * torch.randn(203, 16, 6)\n"
         "out = [m.filtered_denoiser(x.to(d), 0.64, k) for d in (torch.float32, torch.float64) for k in (0, 3)]\n"
-        "torch.save(out, __import__('sys').argv[1])\n"
+        "torch.save({'isa': extension.CPU_ISA, 'out': out}, sys.argv[1])\n"
     )
     results = []
-    for portable in (False, True):
+    for isa in ("avx2", "generic"):
+        if isa == "avx2" and not cpu_has_avx2():
+            pytest.skip("this CPU has no AVX2+FMA+F16C")
         path = tempfile.mktemp(suffix=".pt")
-        env = {k: v for k, v in os.environ.items() if k != "BIASFAST_TREE_BP_PORTABLE"}
-        if portable:
-            env["BIASFAST_TREE_BP_PORTABLE"] = "1"
-        subprocess.run([sys.executable, "-c", script, path], check=True, env=env)
-        results.append(torch.load(path))
+        subprocess.run([sys.executable, "-c", script, path], check=True, env=dict(os.environ, BIASFAST_CPU_ISA=isa))
+        result = torch.load(path, weights_only=True)
         os.remove(path)
+        assert result["isa"] == isa
+        results.append(result["out"])
     for fast, portable in zip(*results):
         torch.testing.assert_close(portable, fast, rtol=1e-5 if fast.dtype == torch.float32 else 1e-12, atol=1e-6)
 

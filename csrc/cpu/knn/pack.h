@@ -26,7 +26,7 @@ class ReferencePacker {
   ReferencePacker(const Problem& problem, const StridedRows<ref_t>& ref, const std::vector<double>& center)
       : problem_(problem), ref_(ref), center_(center) {
     // Contiguous float32 rows on an AVX2 CPU are packed (and later re-ranked) straight from the caller's rows.
-    direct_ = std::is_same_v<scalar_t, float> && std::is_same_v<ref_t, float> && ref_.s1 == 1 && cpu_has_avx2();
+    direct_ = std::is_same_v<scalar_t, float> && std::is_same_v<ref_t, float> && ref_.s1 == 1 && use_avx2();
     if (direct_ && !is_l2(problem_.metric)) transforms_.resize(ref_.rows);
   }
 

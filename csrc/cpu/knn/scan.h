@@ -122,7 +122,7 @@ template <typename scalar_t, typename ref_t>
 double scan(const Problem& problem, const PreparedQueries<scalar_t>& queries, ReferencePacker<scalar_t, ref_t>& packer,
             Candidates<scalar_t>& candidates) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (cpu_has_avx2())
+    if (use_avx2())
       return problem.d <= kFusedMaxDim ? scan_fused(problem, queries, packer, candidates)
                                        : scan_packed(problem, queries, packer, candidates);
   }

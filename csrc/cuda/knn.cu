@@ -33,6 +33,36 @@ at::Tensor unit_rows(const at::Tensor& x, bool center, at::ScalarType dtype) {
   return rows / rows.norm(2, 1, true);
 }
 
+// The first row of x (n, d) where `bad` (n,) holds, or −1: one reduction on the device and one scalar read back.
+int64_t first_row(const at::Tensor& bad) {
+  if (!bad.any().item<bool>()) return -1;
+  return bad.to(at::kByte).argmax().item<int64_t>();  // argmax returns the first of equal maxima
+}
+
+// The CPU op's row checks, with its words (csrc/cpu/knn/queries.h, pack.h, metric.h): a row holding a NaN or an
+// Inf, and for cosine / pearson a row of zero norm / a constant row (its sums in float64, as there), named by its
+// global index (ref rows count from index_offset). The queries' NaN check covers every row before the norms are
+// looked at; a reference is reported at its first bad row of either kind, as the CPU scan meets them.
+void check_rows(const at::Tensor& x, const std::string& metric, const char* name, int64_t offset,
+                bool either_kind_first) {
+  const at::Tensor non_finite = at::logical_not(at::isfinite(x).all(1));
+  const bool standardised = metric == "cosine" || metric == "pearson";
+  if (!either_kind_first || !standardised) {
+    const int64_t row = first_row(non_finite);
+    BIASFAST_CHECK_ARG(row < 0, name, "contains NaN or Inf (first bad row ", row + offset, ")");
+    if (!standardised) return;
+  }
+  at::Tensor rows = x.to(at::kDouble);
+  if (metric == "pearson") rows = rows - rows.sum(1, true) / static_cast<double>(rows.size(1));
+  const at::Tensor undefined = at::logical_not(rows.square().sum(1) > 0);  // NaN sums count as undefined too
+  const int64_t row = first_row(at::logical_or(non_finite, undefined));
+  if (row < 0) return;
+  BIASFAST_CHECK_ARG(!non_finite[row].item<bool>(), name, "contains NaN or Inf (first bad row ", row + offset, ")");
+  BIASFAST_CHECK_ARG(false, name, "row ", row + offset,
+                     metric == "pearson" ? " is constant: its pearson distance is undefined"
+                                         : " has zero norm: its cosine distance is undefined");
+}
+
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query, const at::Tensor& ref, int64_t k,
                                             c10::string_view metric_view, int64_t index_offset, bool exclude_self,
                                             int64_t workspace_mb) {
@@ -48,8 +78,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& query, const at::T
   const std::string metric(metric_view);
   BIASFAST_CHECK_ARG(metric == "l2" || metric == "sqeuclidean" || metric == "cosine" || metric == "pearson",
                      "metric", "unknown metric '", metric, "' (expected l2, sqeuclidean, cosine or pearson)");
-  BIASFAST_CHECK_ARG(at::isfinite(query).all().item<bool>(), "query", "contains NaN or Inf");
-  BIASFAST_CHECK_ARG(at::isfinite(ref).all().item<bool>(), "ref", "contains NaN or Inf");
+  check_rows(query, metric, "query", 0, /*either_kind_first=*/false);
+  check_rows(ref, metric, "ref", index_offset, /*either_kind_first=*/true);
   const c10::cuda::CUDAGuard guard(query.device());
   const bool dbl = query.scalar_type() == at::kDouble || ref.scalar_type() == at::kDouble;
   const auto acc_type = dbl ? at::kDouble : at::kFloat;

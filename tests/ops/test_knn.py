@@ -15,10 +15,11 @@ RTOL = 1e-6  # distances of float32 results against the float64 brute force
 RTOL64 = 1e-12  # float64 results: only float64 rounding separates kernel and brute force
 
 
-def assert_exact_knn(dist, index, query, ref, k, metric, exclude_self=False):
-    """Neighbour sets equal the float64 brute force up to genuine ties; distances within RTOL (RTOL64 for float64
-    results); ties to lower index."""
-    rtol = RTOL64 if dist.dtype == torch.float64 else RTOL
+def assert_exact_knn(dist, index, query, ref, k, metric, exclude_self=False, rtol=None):
+    """Neighbour sets equal the float64 brute force up to genuine ties; distances within `rtol` (default RTOL, RTOL64
+    for float64 results); ties to lower index."""
+    if rtol is None:
+        rtol = RTOL64 if dist.dtype == torch.float64 else RTOL
     q64 = query.reshape(query.shape[0], -1)
     r64 = ref.reshape(ref.shape[0], -1)
     q64, r64 = (q64.double(), r64.double()) if metric != "hamming" else (q64, r64)
@@ -382,3 +383,96 @@ def test_tensors_on_different_devices():
     meta = torch.randn(5, 3, device="meta")
     with pytest.raises(ValueError, match="ref: is on meta but query is on cpu"):
         biasfast.knn(torch.randn(2, 3), meta)
+
+
+# ---- the CUDA kernel (skipped without a GPU): the CPU kernel and the float64 brute force are the oracles ----
+
+CUDA_SHAPES = [(1, 1, 1, 1), (13, 77, 5, 3), (37, 300, 24, 10), (9, 400, 300, 257), (200, 1000, 33, 300)]
+
+
+def cuda_rtol(dtype: torch.dtype, d: int) -> float:
+    """The CUDA kernel sums d squared differences in its accumulate type without a float64 re-rank: d roundings."""
+    return 2 * d * (2.0**-53 if dtype == torch.float64 else 2.0**-24) + (RTOL64 if dtype == torch.float64 else RTOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nq,nr,d,k", CUDA_SHAPES)
+@pytest.mark.parametrize("metric", FLOAT_METRICS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_kernel_matches_the_cpu_kernel_and_brute_force(nq, nr, d, k, metric, dtype):
+    g = torch.Generator().manual_seed(nq + nr + d)
+    query = torch.randn(nq, d, generator=g).to(dtype)
+    ref = torch.cat([torch.randn(nr - nr // 4, d, generator=g), query[: nr // 4].float()]).to(dtype)  # duplicates
+    nr, k = ref.shape[0], min(k, ref.shape[0])
+    rtol = cuda_rtol(torch.float64 if dtype == torch.float64 else torch.float32, d)
+    for offset in (0, 1000):
+        dist, index = torch.ops.biasfast.knn(query.cuda(), ref.cuda(), k, metric, offset, False, 64)
+        assert dist.device.type == "cuda" and index.dtype == torch.int64
+        assert_exact_knn(dist.cpu(), index.cpu() - offset, query, ref, k, metric, rtol=rtol)
+        cpu_dist, _ = torch.ops.biasfast.knn(query, ref, k, metric, offset, False, 64)
+        torch.testing.assert_close(dist.cpu().double(), cpu_dist.double(), rtol=rtol, atol=1e-6)
+    if nr > 1:
+        self_dist, self_index = torch.ops.biasfast.knn(ref.cuda(), ref.cuda(), min(k, nr - 1), metric, 0, True, 64)
+        assert_exact_knn(self_dist.cpu(), self_index.cpu(), ref, ref, min(k, nr - 1), metric, exclude_self=True,
+                         rtol=rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", FLOAT_METRICS)
+def test_cuda_ties_go_to_the_lower_index(metric):
+    base = torch.tensor([1.0] * 8 + [-1.0] * 8)
+    ref = -base.repeat(37, 1)
+    tied_at = [19, 4, 11, 30, 7, 23, 15]
+    for i, row in enumerate(tied_at):
+        ref[row] = base
+        ref[row, i], ref[row, 8 + (3 * i) % 8] = -1, 1
+    _, index = biasfast.knn(base.repeat(3, 1).cuda(), ref.cuda(), k=5, metric=metric)
+    assert index.cpu().tolist() == [sorted(tied_at)[:5]] * 3
+
+
+@pytest.mark.gpu
+def test_cuda_streaming_equals_in_memory_with_global_indices():
+    query, ref = torch.randn(23, 17).cuda(), torch.randn(901, 17).cuda()
+    whole = biasfast.knn(query, ref, k=7)
+    streamed = biasfast.knn(query, [ref[:300], ref[300:650], ref[650:]], k=7)
+    assert torch.equal(whole[1], streamed[1])
+    torch.testing.assert_close(whole[0], streamed[0])
+
+
+@pytest.mark.gpu
+def test_cuda_nan_inf_and_undefined_rows_raise_the_cpu_errors():
+    # The same words as the CPU kernel (test_nan_and_inf_name_the_tensor_and_first_bad_row,
+    # test_bad_input_names_the_argument): the tensor, the problem and the first bad row (ref rows from index_offset).
+    query, ref = torch.randn(4, 3), torch.randn(3000, 3)
+    ref[2100, 1] = float("nan")
+    ref[2500, 0] = float("inf")
+    for device in ("cpu", "cuda"):
+        q, r = query.to(device), ref.to(device)
+        with pytest.raises(ValueError, match=r"ref.*NaN or Inf \(first bad row 2100\)"):
+            torch.ops.biasfast.knn(q, r, 1, "l2", 0, False, 64)
+        with pytest.raises(ValueError, match=r"ref.*NaN or Inf \(first bad row 3100\)"):
+            torch.ops.biasfast.knn(q, r, 1, "cosine", 1000, False, 64)
+        bad_query = q.clone()
+        bad_query[2, 2] = float("inf")
+        with pytest.raises(ValueError, match=r"query.*NaN or Inf \(first bad row 2\)"):
+            torch.ops.biasfast.knn(bad_query, r[:10], 1, "pearson", 0, False, 64)
+        zero = r[:10].clone()
+        zero[6] = 0
+        with pytest.raises(ValueError, match=r"ref.*row 1006 has zero norm: its cosine distance is undefined"):
+            torch.ops.biasfast.knn(q, zero, 1, "cosine", 1000, False, 64)
+        constant = r[:10].clone()
+        constant[3] = 2.5
+        with pytest.raises(ValueError, match=r"ref.*row 3 is constant: its pearson distance is undefined"):
+            torch.ops.biasfast.knn(q, constant, 1, "pearson", 0, False, 64)
+        with pytest.raises(ValueError, match=r"query.*row 0 has zero norm"):
+            torch.ops.biasfast.knn(torch.zeros(2, 3, device=device), r[:10], 1, "cosine", 0, False, 64)
+        torch.ops.biasfast.knn(q, zero, 1, "l2", 0, False, 64)  # zero rows are fine under l2
+
+
+@pytest.mark.gpu
+def test_cuda_opcheck():
+    query, ref = torch.randn(5, 7).cuda(), torch.randn(11, 7).cuda()
+    torch.library.opcheck(torch.ops.biasfast.knn.default, (query, ref, 3, "l2", 0, False, 16))
+    torch.library.opcheck(torch.ops.biasfast.knn.default, (query.double(), ref, 2, "pearson", 5, False, 16))
+    torch.library.opcheck(torch.ops.biasfast.knn.default, (ref, ref, 2, "cosine", 0, True, 16))
+    torch.library.opcheck(torch.ops.biasfast.knn.default, (query.half(), ref.half(), 2, "sqeuclidean", 0, False, 16))

@@ -400,6 +400,8 @@ def cuda_rtol(dtype: torch.dtype, d: int) -> float:
 @pytest.mark.parametrize("metric", FLOAT_METRICS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_kernel_matches_the_cpu_kernel_and_brute_force(nq, nr, d, k, metric, dtype):
+    if metric == "pearson" and d == 1:
+        pytest.skip("every row of one feature is constant: pearson is undefined (an error, tested below)")
     g = torch.Generator().manual_seed(nq + nr + d)
     query = torch.randn(nq, d, generator=g).to(dtype)
     ref = torch.cat([torch.randn(nr - nr // 4, d, generator=g), query[: nr // 4].float()]).to(dtype)  # duplicates

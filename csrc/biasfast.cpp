@@ -40,7 +40,7 @@ PyObject* build_info(PyObject*, PyObject*) {
   return PyUnicode_FromString(build_info_json().c_str());
 }
 
-// The CPU kernel variant in use (common/isa.h); a ValueError naming BIASFAST_CPU_ISA for a value it cannot honour.
+// The CPU kernel variant BIASFAST_CPU_ISA selects now (common/isa.h); a ValueError naming BIASFAST_CPU_ISA for a value it cannot honour.
 PyObject* cpu_isa(PyObject*, PyObject*) {
   try {
     return PyUnicode_FromString(biasfast::cpu_isa());
@@ -50,9 +50,26 @@ PyObject* cpu_isa(PyObject*, PyObject*) {
   }
 }
 
+// Each op's CPU kernel variant on its last call, {op name: "avx2" | "generic"} (ops not yet called are absent).
+PyObject* cpu_variants_ran(PyObject*, PyObject*) {
+  PyObject* ran = PyDict_New();
+  if (ran == nullptr) return nullptr;
+  for (const auto& [op, variant] : biasfast::variants_ran()) {
+    PyObject* value = PyUnicode_FromString(variant.c_str());
+    if (value == nullptr || PyDict_SetItemString(ran, op.c_str(), value) != 0) {
+      Py_XDECREF(value);
+      Py_DECREF(ran);
+      return nullptr;
+    }
+    Py_DECREF(value);
+  }
+  return ran;
+}
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "JSON description of how this extension was compiled."},
-    {"cpu_isa", cpu_isa, METH_NOARGS, "The CPU kernel variant in use: 'avx2' or 'generic' (BIASFAST_CPU_ISA)."},
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The CPU kernel variant BIASFAST_CPU_ISA selects now: 'avx2' or 'generic'."},
+    {"cpu_variants_ran", cpu_variants_ran, METH_NOARGS, "Each op's CPU kernel variant on its last call."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "biasfast compiled operators", -1, methods};

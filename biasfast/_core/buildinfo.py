@@ -42,8 +42,9 @@ def collect() -> dict:
         "build": extension.BUILD_INFO,
         "cpu": _cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_isa": extension.CPU_ISA,
-        "cpu_isa_forced": extension.CPU_ISA_SETTING,
+        "cpu_isa": extension.cpu_isa(),
+        "cpu_isa_forced": os.environ.get("BIASFAST_CPU_ISA") or None,
+        "cpu_variants_ran": extension.cpu_variants_ran(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": gpu,
@@ -70,9 +71,11 @@ def info() -> str:
         f"CPU kernels: {c['cpu_isa'] or 'not loaded'} variant "
         f"({'BIASFAST_CPU_ISA=' + c['cpu_isa_forced'] if c['cpu_isa_forced'] else 'chosen by the CPU; BIASFAST_CPU_ISA unset'})",
         f"GPU: {c['gpu'] or 'none'}   Triton kernels: {'registered' if c['triton_kernels'] else 'not registered'}",
-        "ops (implementation on cpu / cuda):",
+        "ops (implementation on cpu, with the variant its last call here ran / cuda):",
     ]
-    lines += [f"  {name:<28} {impl['cpu']:<22} {impl['cuda']}" for name, impl in c["ops"].items()]
+    ran = c["cpu_variants_ran"]
+    lines += [f"  {name:<28} {impl['cpu'] + (f' ({ran[name]})' if name in ran else ''):<22} {impl['cuda']}"
+              for name, impl in c["ops"].items()]
     if not c["ops"]:
         lines.append("  (none registered)")
     return "\n".join(lines)

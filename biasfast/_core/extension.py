@@ -20,10 +20,21 @@ except ImportError as error:  # missing, or built for another torch (undefined s
     LOAD_ERROR = str(error)
     BUILD_INFO = {}
 
-# The CPU kernel variant, "avx2" or "generic", fixed here once (BIASFAST_CPU_ISA forces it; a value the CPU or the
-# build cannot honour raises a ValueError naming the variable, at import rather than in the middle of a run).
-CPU_ISA_SETTING: str | None = os.environ.get("BIASFAST_CPU_ISA") or None
-CPU_ISA: str | None = _C.cpu_isa() if _C is not None else None
+# A BIASFAST_CPU_ISA value the CPU or the build cannot honour raises a ValueError naming the variable here, at
+# import, rather than at the first op call of a run. The variable is read again at every op call.
+if _C is not None:
+    _C.cpu_isa()
+
+
+def cpu_isa() -> str | None:
+    """The CPU kernel variant BIASFAST_CPU_ISA selects now, "avx2" or "generic" (None without the extension)."""
+    return _C.cpu_isa() if _C is not None else None
+
+
+def cpu_variants_ran() -> dict[str, str]:
+    """Each op's CPU kernel variant on its last call in this process ({} before any call)."""
+    return dict(_C.cpu_variants_ran()) if _C is not None else {}
+
 
 if _C is not None and BUILD_INFO.get("torch_version") != torch.__version__:
     LOAD_ERROR = (

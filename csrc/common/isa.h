@@ -4,11 +4,15 @@
 // kernel carries its own feature test.
 //
 // BIASFAST_CPU_ISA=generic forces every kernel's portable variant (so tests and CI run the code that CPUs without
-// AVX2 get), =avx2 requires the AVX2 one; unset or empty chooses by the CPU. It is read once, when the extension
-// loads (biasfast/_core/extension.py calls cpu_isa(), which raises on a bad value), so a run never mixes variants.
+// AVX2 get), =avx2 requires the AVX2 one; unset or empty chooses by the CPU. It is read at each op call
+// (select_cpu_isa at the op's CPU entry), so a process can switch between calls, and never within one: the
+// kernels' inner chunks read the choice that entry made. Each op's last choice is kept for biasfast.info().
 #pragma once
 
+#include <atomic>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -48,13 +52,41 @@ inline bool avx2_requested() {
                               "' is not a CPU kernel variant; expected 'generic' or 'avx2' (or unset: chosen by the CPU)");
 }
 
-// Whether the CPU kernels run their AVX2 variant: the single point every kernel consults.
-inline bool use_avx2() {
-  static const bool use = avx2_requested();
-  return use;
+// The variant the current op call chose (-1 before any call): written by select_cpu_isa, read by the kernels.
+inline std::atomic<int>& avx2_choice() {
+  static std::atomic<int> choice{-1};
+  return choice;
 }
 
-// The variant in use, "avx2" or "generic" (reported by biasfast.info()).
-inline const char* cpu_isa() { return use_avx2() ? "avx2" : "generic"; }
+// Each op's variant on its last CPU call, by op name.
+inline std::map<std::string, std::string> variants_ran(const char* op = nullptr, const char* variant = nullptr) {
+  static std::mutex mutex;
+  static std::map<std::string, std::string> ran;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (op != nullptr) ran[op] = variant;
+  return ran;
+}
+
+// Called once at an op's CPU entry: reads BIASFAST_CPU_ISA now and records the variant this call runs.
+// `has_avx2_variant` false for ops with one portable kernel (they always run "generic", and still check the value).
+inline bool select_cpu_isa(const char* op, bool has_avx2_variant = true) {
+  const bool avx2 = avx2_requested() && has_avx2_variant;
+  if (has_avx2_variant) avx2_choice().store(avx2 ? 1 : 0, std::memory_order_relaxed);
+  variants_ran(op, avx2 ? "avx2" : "generic");
+  return avx2;
+}
+
+// Whether the CPU kernels run their AVX2 variant: the single point every kernel's inner code consults.
+inline bool use_avx2() {
+  int choice = avx2_choice().load(std::memory_order_relaxed);
+  if (choice < 0) {
+    choice = avx2_requested() ? 1 : 0;
+    avx2_choice().store(choice, std::memory_order_relaxed);
+  }
+  return choice == 1;
+}
+
+// The variant BIASFAST_CPU_ISA selects now, "avx2" or "generic" (reported by biasfast.info()).
+inline const char* cpu_isa() { return avx2_requested() ? "avx2" : "generic"; }
 
 }  // namespace biasfast

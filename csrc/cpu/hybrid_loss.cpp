@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/isa.h"
 #include "common/fused_loss.h"
 #include "common/sampler_step_coefficients.h"
 
@@ -330,6 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hybrid_loss_cpu(
     const at::Tensor& model_output, const at::Tensor& x_start, const at::Tensor& noise, const at::Tensor& timesteps,
     const at::Tensor& table, const at::Tensor& weights, c10::string_view prediction, c10::string_view reduction,
     bool compute_grad) {
+  select_cpu_isa("hybrid_loss");
   check_inputs(model_output, x_start, noise, timesteps, table, weights);
   const Prediction kind = parse_prediction(std::string_view(prediction.data(), prediction.size()));
   BIASFAST_CHECK_ARG(kind != Prediction::V, "prediction", "the hybrid loss supports 'epsilon' and 'sample' "

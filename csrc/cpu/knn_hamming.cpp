@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/isa.h"
 #include "cpu/knn/heap.h"
 #include "common/knn_hamming_checks.h"
 
@@ -15,6 +16,7 @@ constexpr int64_t kRefBlock = 256;
 
 std::tuple<at::Tensor, at::Tensor> knn_hamming_cpu(const at::Tensor& query, const at::Tensor& ref, int64_t k,
                                                    int64_t index_offset, bool exclude_self) {
+  select_cpu_isa("knn_hamming", /*has_avx2_variant=*/false);
   check_hamming_inputs(query, ref, k);
   const at::Tensor q = query.to(at::kLong).contiguous(), r = ref.to(at::kLong).contiguous();
   const int64_t nq = q.size(0), nr = r.size(0), len = q.size(1);

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/isa.h"
 #include "common/row_hash.h"
 
 namespace biasfast {
@@ -25,6 +26,7 @@ void row_hash_kernel(const scalar_t* rows, int64_t* out, int64_t n, int64_t d, b
 }
 
 at::Tensor row_hash_cpu(const at::Tensor& rows) {
+  select_cpu_isa("row_hash", /*has_avx2_variant=*/false);
   BIASFAST_CHECK_ARG(rows.dim() == 2, "rows", "expected a 2-D (rows, features) tensor, got shape ", rows.sizes());
   at::Tensor contiguous = rows.contiguous();
   at::Tensor out = at::empty({rows.size(0)}, rows.options().dtype(at::kLong));

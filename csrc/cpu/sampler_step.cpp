@@ -321,6 +321,7 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x_t, const
                                                     std::optional<double> guidance_scale,
                                                     std::optional<double> clip_sample, bool return_x0,
                                                     std::string_view variance) {
+  select_cpu_isa("sampler_step");
   at::Tensor out = empty_output(x_t);
   at::Tensor x0 = return_x0 ? empty_output(x_t) : at::empty({0}, x_t.options());
   sampler_step_into(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
@@ -334,6 +335,7 @@ void sampler_step_out_cpu(const at::Tensor& x_t, const at::Tensor& model_output,
                           std::string_view method, std::string_view prediction, double eta,
                           std::optional<double> guidance_scale, std::optional<double> clip_sample, at::Tensor out,
                           at::Tensor x0_out, std::string_view variance) {
+  select_cpu_isa("sampler_step.out");
   sampler_step_into(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
                     guidance_scale, clip_sample, out, x0_out, variance);
 }

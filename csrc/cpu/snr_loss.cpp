@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/isa.h"
 #include "common/fused_loss.h"
 
 namespace biasfast {
@@ -192,6 +193,7 @@ void run_chunks(const scalar_t* p, const scalar_t* q, scalar_t* g, const acc_t* 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> snr_loss_cpu(const at::Tensor& pred, const at::Tensor& target,
                                                             const at::Tensor& timesteps, const at::Tensor& weights,
                                                             c10::string_view reduction, bool compute_grad) {
+  select_cpu_isa("snr_loss");
   check_inputs(pred, target, timesteps, weights);
   const Reduction mode = parse_reduction(std::string_view(reduction.data(), reduction.size()));
   const auto acc_type = accumulate_dtype(pred.scalar_type());

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/isa.h"
 
 namespace biasfast {
 namespace {
@@ -55,6 +56,7 @@ void sqdist_kernel(const scalar_t* x, const scalar_t* y, scalar_t* out, int64_t 
 }
 
 at::Tensor sqdist_cpu(const at::Tensor& x, const at::Tensor& y) {
+  select_cpu_isa("sqdist", /*has_avx2_variant=*/false);
   check_matrix(x, "x");
   check_matrix(y, "y");
   BIASFAST_CHECK_ARG(x.size(1) == y.size(1), "y", "feature size ", y.size(1), " does not match x's ", x.size(1));

@@ -52,6 +52,7 @@ bool is_power_of_two(int64_t n) { return n >= 1 && (n & (n - 1)) == 0; }
 
 std::tuple<at::Tensor, at::Tensor> tree_bp_cpu(const at::Tensor& evidence, const at::Tensor& scale,
                                                const at::Tensor& grammar, const at::Tensor& top) {
+  select_cpu_isa("tree_bp");
   BIASFAST_CHECK_ARG(evidence.dim() == 3, "evidence", "expected a (batch, leaves, q) tensor, got shape ",
                      evidence.sizes());
   const int64_t batch = evidence.size(0), leaves = evidence.size(1), q = evidence.size(2);

@@ -30,7 +30,7 @@ def test_info_reports_every_op_with_its_cpu_kernel(capsys):
 
 def test_cli_info_runs():
     result = subprocess.run([sys.executable, "-m", "biasfast", "info"], capture_output=True, text=True, check=True)
-    assert "ops (implementation on cpu / cuda)" in result.stdout
+    assert "ops (implementation on cpu, with the variant its last call here ran / cuda)" in result.stdout
 
 
 def test_import_without_extension_works_and_ops_name_the_fix():

@@ -141,8 +141,9 @@ def _expected(name: str, outputs: tuple) -> None:
 
 
 def main(path: str) -> None:
-    """Run every case under the variant the environment forces; save the variant and the outputs."""
-    torch.save({"isa": extension.CPU_ISA, "outputs": {name: tuple(run()) for name, run in _cases().items()}}, path)
+    """Run every case under the variant the environment forces; save the outputs and the variant each op ran."""
+    outputs = {name: tuple(run()) for name, run in _cases().items()}
+    torch.save({"isa": extension.cpu_isa(), "ran": extension.cpu_variants_ran(), "outputs": outputs}, path)
 
 
 def _run_variant(isa: str, tmp_path) -> dict:
@@ -165,9 +166,33 @@ def variants(tmp_path_factory):
 CASE_NAMES = list(_cases())
 
 
-def test_the_forced_variant_is_the_one_in_use(variants):
+# The ops with one portable kernel: they run "generic" under either setting.
+PORTABLE_ONLY = {"knn_hamming", "row_hash", "sqdist"}
+
+
+def test_the_forced_variant_is_the_one_each_op_ran(variants):
     for isa, result in variants.items():
         assert result["isa"] == isa
+        assert {"snr_loss", "hybrid_loss", "sampler_step", "knn", "tree_bp"} | PORTABLE_ONLY <= set(result["ran"])
+        for op, ran in result["ran"].items():
+            assert ran == ("generic" if op in PORTABLE_ONLY else isa), f"{op} ran {ran} under {isa}"
+
+
+def test_the_variable_is_read_at_each_call(monkeypatch):
+    # One process, two calls: each runs the variant the variable names at its call, and info() says so.
+    pred, target = torch.randn(7, 301), torch.randn(7, 301)
+    t, weights = torch.randint(0, 10, (7,)), torch.rand(10, dtype=torch.float64)
+    isas = ["generic", "avx2"] if cpu_has_avx2() else ["generic"]
+    for isa in isas:
+        monkeypatch.setenv("BIASFAST_CPU_ISA", isa)
+        torch.ops.biasfast.snr_loss(pred, target, t, weights, "mean", True)
+        assert extension.cpu_variants_ran()["snr_loss"] == isa
+        assert extension.cpu_isa() == isa
+        line = next(line for line in biasfast.info().splitlines() if line.split()[:1] == ["snr_loss"])
+        assert f"C++ ({isa})" in line
+    monkeypatch.setenv("BIASFAST_CPU_ISA", "sse2")
+    with pytest.raises((ValueError, RuntimeError), match="BIASFAST_CPU_ISA='sse2' is not a CPU kernel variant"):
+        torch.ops.biasfast.snr_loss(pred, target, t, weights, "mean", True)
 
 
 @pytest.mark.parametrize("isa", ["generic", pytest.param("avx2", marks=needs_avx2)])
@@ -204,8 +229,8 @@ def test_the_variants_run_different_code(variants):
 
 
 def test_this_process_reports_its_variant():
-    assert extension.CPU_ISA in ("generic", "avx2")
-    assert f"CPU kernels: {extension.CPU_ISA} variant" in biasfast.info()
+    assert extension.cpu_isa() in ("generic", "avx2")
+    assert f"CPU kernels: {extension.cpu_isa()} variant" in biasfast.info()
 
 
 @pytest.mark.parametrize("value,match", [

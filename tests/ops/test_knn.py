@@ -320,7 +320,7 @@ def test_bad_input_names_the_argument(kwargs, error, match):
         biasfast.knn(**args)
 
 
-@pytest.mark.skipif(extension.CPU_ISA != "avx2", reason="the packed path, whose tiles need the workspace, is AVX2-only")
+@pytest.mark.skipif(extension.cpu_isa() != "avx2", reason="the packed path, whose tiles need the workspace, is AVX2-only")
 def test_workspace_too_small_for_the_feature_size():
     # The packed path keeps a 16-row tile per thread plus its partial sums inside workspace_mb, or says why not.
     # (The generic variant's GEMM path needs no such tile and answers at workspace_mb=1.)

@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/isa.h"
 #include "cpu/knn/certify.h"
 #include "cpu/knn/metric.h"
 #include "cpu/knn/problem.h"
@@ -30,6 +31,7 @@ std::tuple<at::Tensor, at::Tensor> in_metric_units(const Neighbours& found, Metr
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& query, const at::Tensor& ref, int64_t k,
                                            c10::string_view metric, int64_t index_offset, bool exclude_self,
                                            int64_t workspace_mb) {
+  select_cpu_isa("knn");
   check_matrix(query, "query");
   check_matrix(ref, "ref");
   BIASFAST_CHECK_ARG(ref.size(1) == query.size(1), "ref", "feature size ", ref.size(1), " does not match query's ",

@@ -89,7 +89,8 @@ def budget_quality(run_dir: str, result: dict, test: torch.Tensor, classifier: t
                 experiment = Experiment(config, run_dir, progress=False)
                 models = experiment.final_models()
             samples = sample_coupled(models, config.n_samples, experiment.image_shape, experiment.schedule,
-                                     seed=config.seed, method=method, steps=steps, progress=False)
+                                     seed=config.seed, method=method, steps=steps, variance=config.variance,
+                                     progress=False)
             done[name] = _quality(*(s.detach().cpu() for s in samples), test, classifier, "@" + name)
             write_json_atomic(done, cache)
     return {key: value for name in names for key, value in done[name].items()}

@@ -26,6 +26,10 @@ RUN_OPTIONS = {
     "n_test": ("--n-test", int, "held-out test images"),
     "model": ("--model", str, "unet or mlp"),
     "width": ("--width", int, "U-Net base channels or MLP hidden width"),
+    "loss": ("--loss", str, "mse (the weighted ε-MSE, default) or hybrid (learned variances: the weighted MSE "
+             "plus the unweighted L_vlb, as the released Unmasking Bias code trains)"),
+    "weight_mean": ("--weight-mean", float, "rescale the loss-weight table to this mean over t (ablation; default: "
+                    "the weighting as published)"),
     "steps": ("--steps", int, "training steps per model"),
     "batch_size": ("--batch-size", int, "training batch size"),
     "lr": ("--lr", float, "AdamW learning rate"),

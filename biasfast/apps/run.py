@@ -25,7 +25,7 @@ from biasfast._core.io import (CorruptCheckpointError, load_checkpoint, remove_s
                                write_json_atomic)
 from biasfast.diffusion.sampling import sample_coupled
 from biasfast.metrics.bias import bias_score
-from biasfast.diffusion.training import DenoisingEval, TrainConfig, Trainer, log_spaced_steps
+from biasfast.diffusion.training import LOSSES, DenoisingEval, TrainConfig, Trainer, log_spaced_steps
 
 CONFIG_FILE, REPORT_FILE, CURVES_FILE = "config.json", "report.json", "curves.png"
 CHECKPOINT_DIR, SAMPLE_DIR = "checkpoints", "samples"
@@ -43,6 +43,11 @@ class RunConfig:
     U-Net's time per step on a CPU (`model="unet"` is the choice for larger images). The first checkpoint is
     at step 15: before that both models are still at their shared initialisation and the pair distance is
     trivially ~0.
+
+    `loss="hybrid"` trains learned-variance models (2C outputs) with the hybrid loss; their DDPM samples use
+    the learned variance, DDIM and DPM-Solver++ the prediction channels. `weight_mean` rescales the weight
+    table to that mean (None: the scheme as published). A config stored before these fields existed reads back
+    with their defaults, which is what such a run did.
     """
 
     data: str | None = None
@@ -55,6 +60,8 @@ class RunConfig:
     schedule: str = "linear"
     num_timesteps: int = 1000
     weighting: str = "constant"
+    weight_mean: float | None = None
+    loss: str = "mse"
     steps: int = 3000
     batch_size: int = 128
     lr: float = 2e-3
@@ -71,6 +78,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.model not in MODEL_KINDS:
             raise ValueError(f"model: unknown {self.model!r}; expected one of {MODEL_KINDS}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss: unknown {self.loss!r}; expected one of {LOSSES}")
         for name in ("n_train", "n_test", "width", "steps", "batch_size", "checkpoints", "n_samples",
                      "sample_steps", "eval_bins", "threads"):
             value = getattr(self, name)
@@ -84,6 +93,11 @@ class RunConfig:
     def from_dict(cls, values: dict) -> "RunConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+    @property
+    def variance(self) -> str:
+        """The DDPM sampler's variance for this run's models."""
+        return "learned_range" if self.loss == "hybrid" else "fixed_small"
 
 
 QUICK = dict(n_train=64, n_test=128, width=64, steps=60, batch_size=32, checkpoints=3, first_checkpoint=10,
@@ -107,7 +121,9 @@ def prepare_output(out: str, *, resume: bool, overwrite: bool) -> None:
 
 
 def check_resume_config(stored: dict, given: dict) -> None:
-    """Options given explicitly on resume must equal those the run was started with."""
+    """Options given explicitly on resume must equal those the run was started with (fields the stored config
+    predates count as their defaults)."""
+    stored = RunConfig.from_dict(stored).to_dict()
     differ = [f"{k}: run has {stored.get(k)!r}, given {v!r}" for k, v in given.items() if stored.get(k) != v]
     if differ:
         raise ValueError("resume: the run directory was made with a different configuration (" + "; ".join(differ)
@@ -127,17 +143,21 @@ class Experiment:
         self.split = split_disjoint(source, config.n_train, config.n_test, seed=config.seed)
         self.image_shape = tuple(self.split.train_a.shape[1:])
         self.schedule = NoiseSchedule(config.schedule, config.num_timesteps)
+        params = {} if config.weight_mean is None else {"mean": config.weight_mean}
         train_config = TrainConfig(batch_size=config.batch_size, lr=config.lr, weighting=config.weighting,
-                                   ema_decay=config.ema_decay,
+                                   weighting_params=params, loss=config.loss, ema_decay=config.ema_decay,
                                    seed=config.seed)
         channels, size = self.image_shape[0], self.image_shape[-1]
         kwargs = {"base_channels": config.width} if config.model == "unet" else {"hidden": config.width}
+        learned = config.loss == "hybrid"
         self.trainers = [
-            Trainer(build_model(config.model, in_channels=channels, image_size=size, seed=config.seed, **kwargs),
+            Trainer(build_model(config.model, in_channels=channels, image_size=size, seed=config.seed,
+                                out_channels=2 * channels if learned else None, **kwargs),
                     images, self.schedule, train_config, device=self.device)
             for images in (self.split.train_a, self.split.train_b)
         ]
-        self.evaluate_loss = DenoisingEval(self.split.test, self.schedule, bins=config.eval_bins, seed=config.seed)
+        self.evaluate_loss = DenoisingEval(self.split.test, self.schedule, bins=config.eval_bins, seed=config.seed,
+                                           learned_variance=learned)
         self.schedule_steps = log_spaced_steps(config.steps, config.checkpoints, config.first_checkpoint)
         self.history: list[dict] = []
 
@@ -165,7 +185,7 @@ class Experiment:
                 warnings.warn(f"resume: {exc}; continuing from the checkpoint before it", stacklevel=2)
         if state is None:
             return
-        if state["config"] != self.config.to_dict():
+        if RunConfig.from_dict(state["config"]) != self.config:
             raise ValueError(f"resume: checkpoint {name} was written by a different configuration")
         for trainer, trainer_state in zip(self.trainers, state["trainers"]):
             trainer.load_state_dict(trainer_state)
@@ -189,8 +209,8 @@ class Experiment:
         for m in models:
             m.eval()
         samples = sample_coupled(models, self.config.n_samples, self.image_shape, self.schedule,
-                                          seed=self.config.seed, steps=self.config.sample_steps, method="ddim",
-                                          eta=self.config.sample_eta, progress=False)
+                                 seed=self.config.seed, steps=self.config.sample_steps, method="ddim",
+                                 eta=self.config.sample_eta, variance=self.config.variance, progress=False)
         samples = [s.detach().cpu() for s in samples]
         save_atomic({"samples_a": samples[0], "samples_b": samples[1]}, self._sample_path(step, "pt"))
         save_sample_grid(samples[0], samples[1], self._sample_path(step, "png"))

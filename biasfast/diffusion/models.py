@@ -118,10 +118,12 @@ class UNet(nn.Module):
     """A compact U-Net: one ResBlock per level, stride-2 down/up-sampling, skip connections by concatenation.
 
     `channel_mults` sets the number of levels; the default halves the resolution until it reaches 4×4.
+    `out_channels` defaults to `in_channels`; 2·in_channels for a learned-variance model (prediction, then v).
     """
 
     def __init__(self, in_channels: int = 1, image_size: int = 8, base_channels: int = 32,
-                 channel_mults: tuple[int, ...] | None = None, num_classes: int | None = None) -> None:
+                 channel_mults: tuple[int, ...] | None = None, num_classes: int | None = None,
+                 out_channels: int | None = None) -> None:
         super().__init__()
         if channel_mults is None:
             levels = max(1, int(math.log2(max(image_size, 4) // 4)) + 1)
@@ -149,7 +151,8 @@ class UNet(nn.Module):
             ch = w
             self.upsample.append(nn.Identity() if i == 0 else nn.ConvTranspose2d(w, widths[i - 1], 4, 2, 1))
             ch = w if i == 0 else widths[i - 1]
-        self.out = nn.Sequential(nn.GroupNorm(_groups(ch), ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(_groups(ch), ch), nn.SiLU(), nn.Conv2d(ch, out_channels or in_channels, 3,
+                                                                                 padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.cond(t, class_labels, x.shape[0])
@@ -167,17 +170,18 @@ class UNet(nn.Module):
 
 
 class MLPDenoiser(nn.Module):
-    """Flattened-pixel MLP with the time (and class) embedding added before every hidden layer."""
+    """Flattened-pixel MLP with the time (and class) embedding added before every hidden layer; `out_channels`
+    as in `UNet`."""
 
     def __init__(self, in_channels: int = 1, image_size: int = 8, hidden: int = 512, depth: int = 3,
-                 num_classes: int | None = None) -> None:
+                 num_classes: int | None = None, out_channels: int | None = None) -> None:
         super().__init__()
-        self.shape = (in_channels, image_size, image_size)
+        self.out_channels = out_channels or in_channels
         features = in_channels * image_size * image_size
         self.cond = Conditioning(hidden, num_classes)
         self.inp = nn.Linear(features, hidden)
         self.hidden = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
-        self.out = nn.Linear(hidden, features)
+        self.out = nn.Linear(hidden, self.out_channels * image_size * image_size)
         self.act = nn.SiLU()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -185,7 +189,7 @@ class MLPDenoiser(nn.Module):
         h = self.act(self.inp(x.flatten(1)) + emb)
         for layer in self.hidden:
             h = self.act(layer(h) + emb)
-        return self.out(h).view(x.shape)
+        return self.out(h).view(x.shape[0], self.out_channels, *x.shape[2:])
 
 
 def build_model(kind: str = "unet", *, in_channels: int = 1, image_size: int = 8, seed: int = 0,

@@ -15,15 +15,23 @@ from torch import nn
 
 from biasfast._core.constants import PREDICTIONS
 from biasfast._core.seeds import generator_for
+from biasfast.diffusion.losses import HybridLoss
 from biasfast.diffusion.models import denoise, drop_labels
 from biasfast.diffusion.schedules import NoiseSchedule
 from biasfast.diffusion.weighting import weighting
 from biasfast.ops.snr_loss import snr_weighted_loss
 
 
+# "mse": the weighted ε/x0/v regression (`biasfast.snr_weighted_loss`); "hybrid": guided-diffusion's learned-variance
+# loss (`biasfast.nn.HybridLoss`: the weighted MSE plus the unweighted L_vlb on 2C output channels), as the released
+# Unmasking Bias code trains.
+LOSSES = ("mse", "hybrid")
+
+
 @dataclass
 class TrainConfig:
-    """Optimisation settings; `weighting`/`weighting_params` go to `biasfast.weighting`."""
+    """Optimisation settings; `weighting`/`weighting_params` go to `biasfast.weighting`, `loss` is one of LOSSES
+    (with "hybrid" the model must output 2C channels: the prediction, then the variance interpolation v)."""
 
     batch_size: int = 128
     lr: float = 1e-3
@@ -31,6 +39,7 @@ class TrainConfig:
     weighting: str = "constant"
     weighting_params: dict = field(default_factory=dict)
     prediction: str = "epsilon"
+    loss: str = "mse"
     ema_decay: float | None = None
     label_dropout: float = 0.0
     seed: int = 0
@@ -42,6 +51,8 @@ class TrainConfig:
             raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction: unknown {self.prediction!r}; expected one of {PREDICTIONS}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss: unknown {self.loss!r}; expected one of {LOSSES}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay: expected a value in (0, 1) or None, got {self.ema_decay!r}")
         if not 0.0 <= self.label_dropout <= 1.0:
@@ -84,7 +95,11 @@ class Trainer:
         self.schedule = schedule
         self.config = config
         self.weights = weighting(config.weighting, schedule, config.prediction,
-                                          **config.weighting_params).to(self.device, torch.float32)
+                                 **config.weighting_params).to(self.device, torch.float32)
+        self.hybrid = None
+        if config.loss == "hybrid":
+            self.hybrid = HybridLoss(schedule, config.weighting, config.prediction,
+                                     **config.weighting_params).to(self.device)
         self.alpha_bar = schedule.table(self.device, torch.float32)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.ema = None
@@ -115,7 +130,7 @@ class Trainer:
         return torch.cat(chunks).to(self.device)
 
     def train_step(self) -> float:
-        """One AdamW step on the SNR-weighted denoising loss; returns the loss."""
+        """One AdamW step on the SNR-weighted denoising loss (or the hybrid loss); returns the loss."""
         index = self._batch_indices(self.step)
         x0 = self.images[index]
         generator = generator_for(self.config.seed, "step", self.step)
@@ -129,8 +144,11 @@ class Trainer:
         x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
         self.model.train()
         pred = denoise(self.model, x_t, t, labels)
-        target = diffusion_target(x0, noise, alpha_bar, self.config.prediction)
-        loss = snr_weighted_loss(pred, target, t, self.weights)
+        if self.hybrid is not None:  # forms x_t itself from (x0, noise, t): the same x_t as above
+            loss = self.hybrid(pred, x0, noise, t)
+        else:
+            target = diffusion_target(x0, noise, alpha_bar, self.config.prediction)
+            loss = snr_weighted_loss(pred, target, t, self.weights)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -162,10 +180,13 @@ class DenoisingEval:
     timestep inside the bin and one fixed noise draw, so successive checkpoints see the same inputs and the
     curve is smooth. The mean over bins estimates the average over all T timesteps. With `labels` the model is
     called class-conditionally (`model(x_t, t, labels)`): the held-out loss of a class-conditional denoiser.
+    With `learned_variance` the model outputs 2C channels and the loss is that of the first C (the prediction),
+    so MSE- and hybrid-trained models are scored alike.
     """
 
     def __init__(self, images: torch.Tensor, schedule: NoiseSchedule, *, bins: int = 10, seed: int = 0,
-                 batch_size: int = 1024, prediction: str = "epsilon", labels: torch.Tensor | None = None) -> None:
+                 batch_size: int = 1024, prediction: str = "epsilon", labels: torch.Tensor | None = None,
+                 learned_variance: bool = False) -> None:
         n, T = images.shape[0], schedule.num_timesteps
         if labels is not None and labels.shape != (n,):
             raise ValueError(f"labels: expected shape ({n},), got {tuple(labels.shape)}")
@@ -179,7 +200,7 @@ class DenoisingEval:
         self.images, self.schedule, self.bins, self.edges = images, schedule, bins, edges
         self.t = t.reshape(-1)  # (n * bins,), row-major: image i, bin k
         self.noise = torch.randn((n * bins, *images.shape[1:]), generator=generator)
-        self.batch_size, self.prediction = batch_size, prediction
+        self.batch_size, self.prediction, self.learned_variance = batch_size, prediction, learned_variance
         self.labels = None if labels is None else labels.long().repeat_interleave(bins)
 
     @torch.no_grad()
@@ -201,7 +222,10 @@ class DenoisingEval:
             x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
             target = diffusion_target(x0, noise, alpha_bar, self.prediction)
             labels = None if self.labels is None else self.labels[start:stop].to(device)
-            losses[start:stop] = (denoise(model, x_t, t, labels) - target).square().flatten(1).mean(1).double().cpu()
+            pred = denoise(model, x_t, t, labels)
+            if self.learned_variance:
+                pred = pred[:, :x0.shape[1]]
+            losses[start:stop] = (pred - target).square().flatten(1).mean(1).double().cpu()
         model.train(was_training)
         per_bin = losses.view(n, self.bins).mean(0)
         return float(per_bin.mean()), per_bin.tolist()

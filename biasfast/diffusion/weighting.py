@@ -128,12 +128,14 @@ def weighting(
     prediction: str = "epsilon",
     *,
     max_weight: float | None = None,
+    mean: float | None = None,
     **params,
 ) -> torch.Tensor:
     """Loss weight w(t) for t = 0..T−1 (float64, CPU) of scheme `name` for a model predicting `prediction`.
 
     `params` are the scheme's own (p2: k, gamma; min_snr: gamma, convention; soft_min_snr: gamma;
-    edm: sigma_data). `max_weight` clamps every weight from above. Where SNR = 0 (zero-terminal-SNR
+    edm: sigma_data). `max_weight` clamps every weight from above; `mean` then rescales the table to that mean
+    over t (mean=1 keeps the scheme's shape but not its loudness against an unweighted term such as L_vlb). Where SNR = 0 (zero-terminal-SNR
     schedules) the Min-SNR family uses weight 1 as the Min-SNR code does; a scheme whose weight is
     infinite there ("debias", "edm", "p2" with k = 0 for ε) gets the largest finite weight of the table
     unless `max_weight` is given.
@@ -146,6 +148,8 @@ def weighting(
         raise ValueError(f"name: unknown weighting {name!r}; expected one of {WEIGHTINGS}")
     if max_weight is not None:
         _check_positive(max_weight, "max_weight")
+    if mean is not None:
+        _check_positive(mean, "mean")
     snr = schedule.snr
     if name == "constant":
         if params:
@@ -160,4 +164,6 @@ def weighting(
         max_weight = weights[torch.isfinite(weights)].max().item()
     if max_weight is not None:
         weights = weights.clamp(max=max_weight)
+    if mean is not None:
+        weights = weights * (mean / weights.mean())
     return weights

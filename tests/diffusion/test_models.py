@@ -23,6 +23,13 @@ def test_shapes_and_gradients(kind, size, channels):
 
 
 @pytest.mark.parametrize("kind", ["unet", "mlp"])
+def test_out_channels_for_learned_variances(kind):
+    kwargs = {"base_channels": 8} if kind == "unet" else {"hidden": 16}
+    model = build_model(kind, in_channels=3, image_size=8, out_channels=6, **kwargs)
+    assert model(torch.randn(5, 3, 8, 8), torch.arange(5)).shape == (5, 6, 8, 8)
+
+
+@pytest.mark.parametrize("kind", ["unet", "mlp"])
 def test_seeded_construction_is_identical_and_leaves_global_rng(kind):
     state = torch.get_rng_state()
     a, b = build_model(kind, seed=3), build_model(kind, seed=3)

@@ -9,6 +9,7 @@ from biasfast.diffusion.models import build_model
 from biasfast.diffusion.schedules import NoiseSchedule
 from biasfast._core.io import load_checkpoint, save_atomic
 from biasfast._core.seeds import generator_for
+from biasfast.ops import reference
 from biasfast.diffusion.training import DenoisingEval, TrainConfig, Trainer, diffusion_target, log_spaced_steps
 
 
@@ -80,6 +81,56 @@ def test_training_step_uses_the_weighted_loss():
         weights = biasfast.weighting(name, SCHEDULE, "epsilon").float()
         expected = (weights[t] * (pred - noise).square().flatten(1).mean(1)).mean()
         assert trainer.train_step() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["constant", "debias"])
+def test_hybrid_training_step_is_the_float64_hybrid_loss(name):
+    """loss="hybrid": the first step's loss and the output layer's gradient equal guided-diffusion's hybrid loss
+    (float64 transcription, on the float32 model's output) for a 2C-channel model from the same randomness. The rows of the variance channels
+    get a gradient (from L_vlb alone), which a trainer that fell back to the MSE would leave at zero."""
+    trainer = Trainer(build_model("mlp", hidden=32, seed=0, out_channels=2), _images(), SCHEDULE,
+                      TrainConfig(batch_size=13, lr=1e-3, seed=1, weighting=name, loss="hybrid"))
+    model_copy = build_model("mlp", hidden=32, seed=0, out_channels=2)
+    g = generator_for(1, "step", 0)
+    t = torch.randint(0, 1000, (13,), generator=g)
+    noise = torch.randn(13, 1, 8, 8, generator=g).double()
+    x0 = trainer.images[trainer._batch_indices(0)].double()
+    ab = SCHEDULE.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    output = model_copy((ab.sqrt() * x0 + (1 - ab).sqrt() * noise).float(), t).double()
+    expected, _, vb = reference.hybrid_loss(output, x0, noise, t, SCHEDULE.alphas_cumprod.double(),
+                                            biasfast.weighting(name, SCHEDULE), return_terms=True)
+    expected.backward()
+    assert trainer.train_step() == pytest.approx(expected.item(), rel=1e-5)
+    assert vb.abs().min() > 0
+    grad, grad64 = trainer.model.out.weight.grad, model_copy.out.weight.grad
+    variance_rows = slice(64, 128)  # output features 64..127: the v channel of the 8×8 image
+    for rows in (slice(0, 64), variance_rows):  # each on its own scale: the vb gradient is ~1e-4 of the MSE's
+        assert grad64[rows].abs().max() > 0
+        torch.testing.assert_close(grad[rows], grad64[rows], rtol=1e-4, atol=1e-6 * grad64[rows].abs().max().item())
+
+
+def test_hybrid_loss_needs_a_supported_prediction():
+    with pytest.raises(ValueError, match="prediction"):
+        Trainer(build_model("mlp", hidden=8, out_channels=2), _images(), SCHEDULE,
+                TrainConfig(loss="hybrid", prediction="v_prediction"))
+    with pytest.raises(ValueError, match="loss: unknown 'vlb'"):
+        TrainConfig(loss="vlb")
+
+
+def test_denoising_eval_of_a_learned_variance_model_scores_the_prediction_channels():
+    model = build_model("mlp", hidden=16, seed=0)
+
+    class WithVariance(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x, t):
+            return torch.cat([self.inner(x, t), torch.full_like(x, 7.0)], dim=1)
+
+    with_variance = WithVariance()
+    expected = DenoisingEval(_images(11), SCHEDULE, bins=3)(model)
+    assert DenoisingEval(_images(11), SCHEDULE, bins=3, learned_variance=True)(with_variance) == expected
 
 
 def test_training_lowers_the_test_loss():

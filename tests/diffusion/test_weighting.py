@@ -110,6 +110,14 @@ def test_max_weight_clamps():
     torch.testing.assert_close(w[:400], biasfast.weighting("debias", LINEAR)[:400])
 
 
+def test_mean_rescales_the_table():
+    w = biasfast.weighting("debias", LINEAR, mean=1.0)
+    assert w.mean().item() == pytest.approx(1.0, rel=1e-12)
+    torch.testing.assert_close(w * biasfast.weighting("debias", LINEAR).mean(), biasfast.weighting("debias", LINEAR))
+    with pytest.raises(ValueError, match="mean"):
+        biasfast.weighting("debias", LINEAR, mean=0.0)
+
+
 ZERO_TERMINAL = biasfast.NoiseSchedule("scaled_linear", 1000, zero_terminal_snr=True)
 
 

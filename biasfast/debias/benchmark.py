@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from biasfast._core.buildinfo import cpu_model
 from biasfast.data.colored_digits import ALIGNED_RATIOS, ColoredDigits, colored_digits, read_colour
 from biasfast.debias.amplifier import BiasAmplifier
 from biasfast.debias.classifier import ClassifierConfig
@@ -224,14 +225,18 @@ def format_paired_differences(
     return "\n".join(lines)
 
 
+def _memory_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
 def table_report(
     results: dict, *, command: str, elapsed_s: float, cpu_s: float, config: BenchmarkConfig, notes: str = ""
 ) -> str:
     seeds = ", ".join(map(str, config.seeds))
     return (
         "# Debiasing on colored digits\n\n"
-        f"- machine: AMD EPYC 2-core, 24 GiB ({platform.processor() or platform.machine()}), torch {torch.__version__},"
-        f" {torch.get_num_threads()} thread(s)\n"
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores, {_memory_gib():.0f} GiB ({platform.machine()}), torch"
+        f" {torch.__version__}, {torch.get_num_threads()} thread(s)\n"
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
         f"- command: `{command}`\n"
         f"- wall time: {elapsed_s / 60:.1f} min; CPU time (user + system, all processes): {cpu_s / 60:.1f} min\n"

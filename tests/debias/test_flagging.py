@@ -1,6 +1,7 @@
-"""The Recipe I amplifier's flag precision/recall and the paired DDB − real-amplifier differences in the table."""
+"""The debias table: the Recipe I amplifier's flag precision/recall, paired DDB − real-amplifier differences, machine."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -80,3 +81,13 @@ def test_table_ratios_option_rejects_bad_lists(ratios, tmp_path):
 
     with pytest.raises(SystemExit, match="--ratios: expected a comma list"):
         main(["debias", "--table", "--ratios", ratios, "--out", str(tmp_path / "t.md")])
+
+
+def test_table_report_names_the_machine_it_ran_on():
+    from biasfast._core.buildinfo import cpu_model
+    from biasfast.debias.benchmark import table_report
+
+    report = table_report({0.99: {"erm": [_run(0.5, 0.1)]}}, command="biasfast debias --table", elapsed_s=60.0,
+                          cpu_s=30.0, config=BenchmarkConfig())
+    machine = next(line for line in report.splitlines() if line.startswith("- machine:"))
+    assert machine.startswith(f"- machine: {cpu_model()}, {os.cpu_count()} cores, ")

@@ -18,7 +18,8 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (for the machine line of measurement reports)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -40,7 +41,7 @@ def collect() -> dict:
         "extension_loaded": extension.available(),
         "extension_error": extension.LOAD_ERROR,
         "build": extension.BUILD_INFO,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_isa": extension.cpu_isa(),
         "cpu_isa_forced": os.environ.get("BIASFAST_CPU_ISA") or None,

@@ -31,6 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", type=int, choices=(1, 2), help="DDB recipe: 1 = pseudo-groups + GroupDRO, 2 = LfF-style")
     p.add_argument("--baseline", choices=BASELINES, help="a baseline instead of DDB (ddb-real takes --recipe)")
     p.add_argument("--table", action="store_true", help="every method at every ratio → benchmarks/DEBIAS.md")
+    p.add_argument("--ratios", help="comma list of aligned ratios for --table (default: all four; --quick: --ratio)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/DEBIAS.md"), help="where --table writes")
     p.add_argument("--quick", action="store_true", help="CI-sized run (≤ 5 minutes)")
     p.add_argument("--seeds", type=int, help="number of seeds (default 3)")
@@ -77,7 +78,12 @@ def main(args: argparse.Namespace) -> int:
             methods = (method_name(args.recipe, args.baseline),)
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    if args.table and args.quick:
+    if args.table and args.ratios is not None:
+        try:
+            config = with_overrides(config, ratios=tuple(check_ratio(float(r)) for r in args.ratios.split(",")))
+        except ValueError as err:
+            raise SystemExit(f"--ratios: expected a comma list of ratios in (0, 1), got {args.ratios!r} ({err})")
+    elif args.table and args.quick:
         config = with_overrides(config, ratios=(check_ratio(args.ratio),))
     synthetic = _synthetic_source(args, args.quick) if any(m.startswith("ddb-") and "real" not in m
                                                             for m in methods) else None

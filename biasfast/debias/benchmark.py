@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import datetime
 import functools
+import math
 import multiprocessing
 import os
 import platform
@@ -14,11 +15,13 @@ from typing import Callable
 
 import torch
 
+from biasfast._core.buildinfo import cpu_model
 from biasfast.data.colored_digits import ALIGNED_RATIOS, ColoredDigits, colored_digits, read_colour
 from biasfast.debias.amplifier import BiasAmplifier
 from biasfast.debias.classifier import ClassifierConfig
-from biasfast.debias.evaluation import GROUP_METRICS, evaluate, summarize_runs
+from biasfast.debias.evaluation import FLAG_METRICS, GROUP_METRICS, evaluate, flag_quality, summarize_runs
 from biasfast.debias.recipes import recipe_one, recipe_two, train_erm, train_jtt, train_lff
+from biasfast.metrics.stats import mean_std
 
 BASELINES = ("erm", "lff", "jtt", "ddb-real")
 METHODS = ("erm", "lff", "jtt", "ddb-real-1", "ddb-real-2", "ddb-1", "ddb-2")
@@ -93,10 +96,16 @@ def _fitted_amplifier(
     if log is not None:  # diagnostics only: bias labels never reach training
         flagged = amplifier.predict_conflicting(data.train.images, data.train.labels)
         truth = ~data.train.aligned
-        log(f"  {source} BA: training images colour-aligned {(read_colour(images) == labels).float().mean():.3f}; "
-            f"flags {int(flagged.sum())} real samples, {int((flagged & truth).sum())} of {int(truth.sum())} "
-            "truly conflicting")
+        log(f"  ratio {data.ratio} seed {seed} {source} BA: training images colour-aligned "
+            f"{(read_colour(images) == labels).float().mean():.3f}; flags {int(flagged.sum())} real samples, "
+            f"{int((flagged & truth).sum())} of {int(truth.sum())} truly conflicting")
     return amplifier
+
+
+def amplifier_flag_quality(amplifier: BiasAmplifier, data: ColoredDigits) -> dict[str, float]:
+    """Precision/recall of Recipe I's pseudo bias-conflicting flags on the real training split (diagnostic)."""
+    flagged = amplifier.predict_conflicting(data.train.images, data.train.labels)
+    return flag_quality(flagged, ~data.train.aligned)
 
 
 def run_method(
@@ -106,7 +115,8 @@ def run_method(
 ) -> dict[str, float]:
     """Train one method on data.train (selecting on data.val) and evaluate on the unbiased test split.
 
-    `cache` keeps the synthetic images and the fitted Recipe I amplifiers across the methods of one (ratio, seed)."""
+    `cache` keeps the synthetic images and the fitted Recipe I amplifiers across the methods of one (ratio, seed).
+    Recipe I methods also return their amplifier's flag precision/recall (`FLAG_METRICS`)."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     common = dict(config=config.classifier, seed=seed, width=config.width)
@@ -121,6 +131,7 @@ def run_method(
         source = "real" if method.startswith("ddb-real") else "synthetic"
         amplifier = _fitted_amplifier(data, source, seed, config, synthetic, cache, log)
         model = recipe_one(data.train, amplifier, data.val, step_size=config.group_dro_step_size, **common)
+        return evaluate(model, data.test) | amplifier_flag_quality(amplifier, data)
     else:
         source = "real" if method.startswith("ddb-real") else "synthetic"
         images, labels = _amplifier_data(data, source, seed, synthetic, cache)
@@ -175,17 +186,47 @@ def run_benchmark(
 
 
 def _percent(mean: float, std: float | None) -> str:
+    if math.isnan(mean):
+        return "n/a"
     return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
 def format_table(results: dict[float, dict[str, list[dict[str, float]]]]) -> str:
-    lines = ["| aligned ratio | method | " + " | ".join(GROUP_METRICS) + " |", "|---|---|" + "---|" * len(GROUP_METRICS)]
+    """Accuracies, then the Recipe I amplifier's flag precision/recall ("–" for methods without one)."""
+    columns = GROUP_METRICS + FLAG_METRICS
+    lines = ["| aligned ratio | method | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for ratio, by_method in results.items():
         for method, runs in by_method.items():
             summary = summarize_runs(runs)
-            cells = " | ".join(_percent(*summary[k]) for k in GROUP_METRICS)
+            cells = " | ".join(_percent(*summary[k]) if k in summary else "–" for k in columns)
             lines.append(f"| {ratio} | {method} | {cells} |")
     return "\n".join(lines)
+
+
+PAIRS = (("ddb-1", "ddb-real-1"), ("ddb-2", "ddb-real-2"))
+
+
+def format_paired_differences(
+    results: dict[float, dict[str, list[dict[str, float]]]], metrics: tuple[str, ...] = ("unbiased", "worst_group")
+) -> str:
+    """DDB minus its real-data-amplifier twin, per seed (runs are in seed order for every method), in points."""
+    lines = []
+    for ratio, by_method in results.items():
+        for method, baseline in PAIRS:
+            if method not in by_method or baseline not in by_method:
+                continue
+            parts = []
+            for metric in metrics:
+                diffs = [100 * (a[metric] - b[metric]) for a, b in zip(by_method[method], by_method[baseline])]
+                mean, std = mean_std(diffs)
+                spread = "" if std is None else f" ± {std:.1f}"
+                parts.append(f"{metric} " + ", ".join(f"{d:+.1f}" for d in diffs) + f" (mean {mean:+.1f}{spread})")
+            lines.append(f"- ratio {ratio}, {method} − {baseline} per seed: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def _memory_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
 def table_report(
@@ -194,8 +235,8 @@ def table_report(
     seeds = ", ".join(map(str, config.seeds))
     return (
         "# Debiasing on colored digits\n\n"
-        f"- machine: AMD EPYC 2-core, 24 GiB ({platform.processor() or platform.machine()}), torch {torch.__version__},"
-        f" {torch.get_num_threads()} thread(s)\n"
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores, {_memory_gib():.0f} GiB ({platform.machine()}), torch"
+        f" {torch.__version__}, {torch.get_num_threads()} thread(s)\n"
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
         f"- command: `{command}`\n"
         f"- wall time: {elapsed_s / 60:.1f} min; CPU time (user + system, all processes): {cpu_s / 60:.1f} min\n"
@@ -203,7 +244,10 @@ def table_report(
         f"- seeds: {seeds} (mean ± std over seeds, accuracies in %); test = every test digit in all 10 colours\n\n"
         "unbiased = mean accuracy over the 100 (class, colour) cells; aligned / conflicting = mean of the diagonal /"
         " off-diagonal cells; worst_group = min over the 20 (class × aligned/conflicting) groups.\n\n"
-        + format_table(results) + "\n" + (f"\n{notes}\n" if notes else "")
+        + format_table(results) + "\n\n"
+        "flag_precision / flag_recall: Recipe I's pseudo bias-conflicting flags (the amplifier misclassifies the real"
+        " training sample) against the true bias-conflicting samples of the training split.\n\n"
+        + format_paired_differences(results) + "\n" + (f"\n{notes}\n" if notes else "")
     )
 
 

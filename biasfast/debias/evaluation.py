@@ -11,6 +11,7 @@ from biasfast.debias.classifier import predict_logits
 from biasfast.metrics.stats import mean_std
 
 GROUP_METRICS = ("unbiased", "aligned", "conflicting", "worst_group")
+FLAG_METRICS = ("flag_precision", "flag_recall")
 
 
 def accuracy_metrics(predictions: torch.Tensor, split: ColoredSplit, num_classes: int = NUM_CLASSES) -> dict[str, float]:
@@ -38,6 +39,20 @@ def accuracy_metrics(predictions: torch.Tensor, split: ColoredSplit, num_classes
         "conflicting": mean(~diagonal),
         "worst_group": float(group_acc[group_counts > 0].min()),
     }
+
+
+def flag_quality(flagged: torch.Tensor, conflicting: torch.Tensor) -> dict[str, float]:
+    """How well an amplifier's pseudo bias-conflicting flags match the true bias-conflicting samples.
+
+    precision = true flags / flags and recall = true flags / truly conflicting samples; each is NaN where its
+    denominator is 0 (no flags, or no conflicting samples), which the table prints as "n/a" rather than a number.
+    A diagnostic only: it reads bias labels, which never reach training."""
+    if flagged.dtype != torch.bool or conflicting.dtype != torch.bool or flagged.shape != conflicting.shape:
+        raise ValueError(f"flagged, conflicting: expected two bool masks of one shape, got {flagged.dtype} "
+                         f"{tuple(flagged.shape)} and {conflicting.dtype} {tuple(conflicting.shape)}")
+    hits, flags, truth = int((flagged & conflicting).sum()), int(flagged.sum()), int(conflicting.sum())
+    return {"flag_precision": hits / flags if flags else float("nan"),
+            "flag_recall": hits / truth if truth else float("nan")}
 
 
 def evaluate(model: nn.Module, split: ColoredSplit) -> dict[str, float]:

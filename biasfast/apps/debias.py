@@ -1,4 +1,6 @@
-"""`biasfast debias`: one method at one ratio over seeds, or the full table written to benchmarks/DEBIAS.md."""
+"""`biasfast debias`: one method at one ratio over seeds, or the full table written to benchmarks/debias_table.md.
+
+The table is a generated file of its own, so a rerun never overwrites the hand-written analysis in DEBIAS.md."""
 
 from __future__ import annotations
 
@@ -30,9 +32,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ratio", type=float, default=0.99, help="bias-aligned ratio of the training set, in (0, 1)")
     p.add_argument("--recipe", type=int, choices=(1, 2), help="DDB recipe: 1 = pseudo-groups + GroupDRO, 2 = LfF-style")
     p.add_argument("--baseline", choices=BASELINES, help="a baseline instead of DDB (ddb-real takes --recipe)")
-    p.add_argument("--table", action="store_true", help="every method at every ratio → benchmarks/DEBIAS.md")
+    p.add_argument("--table", action="store_true", help="every method at every ratio → --out")
     p.add_argument("--ratios", help="comma list of aligned ratios for --table (default: all four; --quick: --ratio)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/DEBIAS.md"), help="where --table writes")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/debias_table.md"),
+                   help="where --table writes (a generated file: benchmarks/DEBIAS.md holds the analysis)")
     p.add_argument("--quick", action="store_true", help="CI-sized run (≤ 5 minutes)")
     p.add_argument("--seeds", type=int, help="number of seeds (default 3)")
     p.add_argument("--guidance-scale", type=float, help="CFG scale for the synthetic images (diffusers convention)")

@@ -3,8 +3,9 @@
 Each configuration (`name:key=value,...`, keys of `PairConfig` plus `t_fraction` of the evaluation) trains the
 sample-split pair in OUT/<name>/models (resumable: rerun the same command after a kill), records the training's
 wall and CPU time (user + sys of this process; training is single-threaded), runs the chosen experiments and writes
-OUT/<name>/summary.json atomically; a configuration whose summary exists is skipped. `--table` prints the markdown
-table of every summary under OUT.
+OUT/<name>/summary.json atomically; a configuration whose summary exists runs only the experiments it lacks (the
+others are read back from their JSON), so adding one to a finished configuration costs only its evaluation.
+`--table` prints the markdown table of every summary under OUT.
 
     nice -n 10 python benchmarks/hierarchy_sweep.py --out runs/sweep \\
         small:q=4,depth=3,q_eff=3,n_train=256,epochs=3000,batch_size=64,lr=1e-3 --experiments sequential
@@ -13,8 +14,9 @@ table of every summary under OUT.
 The signs (as `biasfast hierarchy` reads them):
 - coarse→fine: `sequential`'s nearest oracle BP_k starts at k ≥ depth − 1 and ends at k ≤ 1;
 - window: `sequential`'s KL(A ‖ B) on test inputs has its minimum before KL(BP_0 ‖ A)'s (`biased_window`);
-- nn: after the NN-divergence minimum, generated sequences sit closer to A's training set than fresh data,
-  by more than 2 standard errors (`nn_distance_gap` + 2·SE < 0);
+- nn: after `sequential`'s KL(A ‖ B) minimum (τ_bias; the NN-divergence minimum when `sequential` is not run),
+  generated sequences sit closer to A's training set than fresh data, by more than 2 standard errors
+  (`nn_distance_gap` + 2·SE < 0);
 - excess: `loss-decomposition`'s training ℓ̃ is below zero by 2 SE from some checkpoint on (onset epoch);
 - uturn: U-turns from training starts return closer to their start than from test starts, by 2 SE at every t.
 """
@@ -81,10 +83,11 @@ def signs(results: dict, depth: int) -> dict:
     if "nn-divergence" in results:
         r = results["nn-divergence"]
         c, epochs = r["curves"], r["epochs"]
-        start = r["phase"]["tau_bias"] or epochs[0]
+        own = r["phase"]["tau_bias"]
+        start = (results["sequential"]["phase"]["tau_bias"] if "sequential" in results else own) or epochs[0]
         closer = [e for e, g, s in zip(epochs, c["nn_distance_gap"], c["nn_distance_gap_se"]) if e > start and
                   g + 2 * s < 0]
-        out["nn-divergence"] = {"biased_window": r["phase"]["biased_window"], "tau_bias": r["phase"]["tau_bias"],
+        out["nn-divergence"] = {"biased_window": r["phase"]["biased_window"], "tau_bias": own, "after": start,
                                 "closer_than_fresh_2se_at": closer, "gap": c["nn_distance_gap"],
                                 "copy_fraction": c["copy_fraction"], "fresh_copy_fraction": r["fresh_copy_fraction"]}
     if "loss-decomposition" in results:
@@ -102,11 +105,16 @@ def run_config(text: str, out: str, experiments: list[str], progress: bool) -> d
     name, pair_kwargs, eval_kwargs = parse_config(text)
     folder = os.path.join(out, name)
     summary_path = os.path.join(folder, "summary.json")
+    results, eval_time = {}, {}
     if os.path.isfile(summary_path):
         with open(summary_path) as f:
             summary = json.load(f)
         if set(experiments) <= set(summary["results"]):
             return summary
+        for experiment in summary["results"]:
+            with open(os.path.join(folder, f"{experiment}.json")) as f:
+                results[experiment] = json.load(f)
+            eval_time[experiment] = summary["eval_time"][experiment]
     pair = PairConfig(**pair_kwargs)
     trainer = PairTrainer(pair, os.path.join(folder, "models"))
     wall, cpu = time.perf_counter(), cpu_seconds()
@@ -123,8 +131,7 @@ def run_config(text: str, out: str, experiments: list[str], progress: bool) -> d
                           timing_path)
     with open(timing_path) as f:
         timing = json.load(f)
-    results, eval_time = {}, {}
-    for experiment in experiments:
+    for experiment in [e for e in experiments if e not in results]:
         wall, cpu = time.perf_counter(), cpu_seconds()
         results[experiment] = RUNNERS[experiment](trainer, EvalConfig(**eval_kwargs), progress=progress)
         eval_time[experiment] = {"wall_s": time.perf_counter() - wall, "cpu_s": cpu_seconds() - cpu}

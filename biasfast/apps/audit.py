@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from biasfast._core.checks import check_device
 from biasfast._core.constants import METRICS, SAMPLER_METHODS
 from biasfast._core.io import write_atomically, write_json_atomic
-from biasfast._core.seeds import seed_for
 from biasfast.data.stream import ImageStream
 from biasfast.diffusion.models import denoise
 from biasfast.diffusion.sampling import sample_coupled
@@ -167,14 +166,15 @@ def save_shard(out: str, index: int, a: torch.Tensor, b: torch.Tensor) -> None:
 
 def sample_shards(models, schedule: NoiseSchedule, shape, config: AuditConfig, out: str, device: torch.device,
                   batch_size: int, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """All n sample pairs, shard by shard; shard k's noise is keyed by (seed, k), so a resumed audit redoes
-    nothing and makes exactly the samples an uninterrupted one would."""
+    """All n sample pairs, shard by shard; sample j's noise is keyed by (seed, j), its global index, so the
+    samples equal one `sample_coupled(models, n, seed=seed)` call whatever the shard and batch sizes, and a
+    resumed audit redoes nothing and makes exactly the samples an uninterrupted one would."""
     shards = range(0, config.n, config.shard_size)
     bar = tqdm(total=config.n, desc="sampling A and B", unit="pair", disable=not progress)
     for index, start in enumerate(shards):
         size = min(config.shard_size, config.n - start)
         if not os.path.isfile(_shard_path(out, "b", index)):
-            a, b = sample_coupled(models, size, shape, schedule, seed=seed_for(config.seed, "audit", index),
+            a, b = sample_coupled(models, size, shape, schedule, seed=config.seed, first_index=start,
                                   steps=config.steps, method=config.method, eta=config.eta, batch_size=batch_size,
                                   device=device, progress=False)
             save_shard(out, index, a, b)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from biasfast._core.checks import check_device
 from biasfast._core.constants import METRICS, SAMPLER_METHODS
 from biasfast._core.io import write_atomically, write_json_atomic
+from biasfast._core.memory import fix_mmap_threshold
 from biasfast.data.stream import ImageStream
 from biasfast.diffusion.models import denoise
 from biasfast.diffusion.sampling import sample_coupled
@@ -328,6 +329,7 @@ def _versions() -> dict:
 
 def run_audit(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    fix_mmap_threshold()  # private memory independent of the training sets' size (see _core.memory)
     device = check_device(args.device, "--device")
     config = _config(args)
     progress = not args.no_progress

@@ -22,12 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from biasfast._core.checks import check_device
-from biasfast._core.constants import METRICS, SAMPLER_METHODS
+from biasfast._core.constants import METRICS
 from biasfast._core.io import write_atomically, write_json_atomic
 from biasfast._core.memory import fix_mmap_threshold
 from biasfast.data.stream import ImageStream
 from biasfast.diffusion.models import denoise
-from biasfast.diffusion.sampling import sample_coupled
+from biasfast.diffusion.sampling import DPM_SOLVER, LOOP_METHODS, sample_coupled
 from biasfast.diffusion.schedules import NAMED_SCHEDULES, NoiseSchedule
 from biasfast.metrics.bias import BiasReport, bias_score
 from biasfast.metrics.features import Embedding
@@ -287,15 +287,18 @@ def _config(args: argparse.Namespace) -> AuditConfig:
                         ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValueError(f"{flag}: expected a positive int, got {value}")
-    if args.method not in SAMPLER_METHODS:
-        raise ValueError(f"--method: unknown {args.method!r}; expected one of {SAMPLER_METHODS}")
+    if args.method not in LOOP_METHODS:
+        raise ValueError(f"--method: unknown {args.method!r}; expected one of {LOOP_METHODS}")
+    eta = (0.0 if args.method == DPM_SOLVER else 1.0) if args.eta is None else args.eta
+    if args.method == DPM_SOLVER and eta != 0.0:
+        raise ValueError(f"--eta: DPM-Solver++ is deterministic (eta 0), got {eta}")
     if args.metric not in METRICS or args.metric == "hamming":
         raise ValueError(f"--metric: expected one of {METRICS[:-1]}, got {args.metric!r}")
     if args.schedule not in NAMED_SCHEDULES:
         raise ValueError(f"--schedule: unknown {args.schedule!r}; expected one of {NAMED_SCHEDULES}")
     paths = {k: None if v is None else os.path.abspath(v) for k, v in vars(args).items()
              if k in ("model_a", "model_b", "samples_a", "samples_b", "train_a", "train_b", "test")}
-    return AuditConfig(**paths, n=args.n, steps=args.steps, method=args.method, eta=args.eta, metric=args.metric,
+    return AuditConfig(**paths, n=args.n, steps=args.steps, method=args.method, eta=eta, metric=args.metric,
                        seed=args.seed, shard_size=args.shard_size, schedule=args.schedule, features=args.features)
 
 
@@ -395,8 +398,8 @@ def add_parser(commands) -> None:
     audit.add_argument("--test", default=None, help="fresh images (adds the NN divergence)")
     audit.add_argument("--n", type=int, default=1000, help="sample pairs")
     audit.add_argument("--steps", type=int, default=50, help="sampler steps")
-    audit.add_argument("--method", default="ddim", help="ddim or ddpm")
-    audit.add_argument("--eta", type=float, default=1.0, help="DDIM eta")
+    audit.add_argument("--method", default="ddim", help="ddim, ddpm or dpmsolver++ (DPM-Solver++(2M))")
+    audit.add_argument("--eta", type=float, default=None, help="DDIM eta (default 1.0; DPM-Solver++ needs 0)")
     audit.add_argument("--metric", default="pearson", help="pearson, cosine, l2 or sqeuclidean")
     audit.add_argument("--features", default=None, metavar="MODULE:NAME",
                        help="an embedding to search in (module or callable; default: pixels)")

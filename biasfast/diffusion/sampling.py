@@ -170,7 +170,7 @@ def sample_coupled(
         timesteps = dpm_solver_timesteps(schedule, steps)
     else:
         timesteps = schedule.timesteps(steps, spacing).tolist()
-    pairs = list(zip(timesteps, timesteps[1:] + [-1]))
+    pairs = list(zip(timesteps, schedule.previous_timesteps(timesteps, method)))
     corrections = second_order_corrections(schedule, timesteps) if multistep else None
     noisy = method == "ddpm" or eta > 0
     config = dict(method="ddim" if multistep else method, prediction=prediction, eta=eta,

@@ -68,6 +68,8 @@ def test_schedule_errors():
         NoiseSchedule.from_diffusers(object())
     with pytest.raises(TypeError, match="schedule: expected a name, an alphas_cumprod tensor or a diffusers"):
         NoiseSchedule(3.0)
+    with pytest.raises(ValueError, match="ddim_previous: unknown 'previous'"):
+        NoiseSchedule("linear", ddim_previous="previous")
     with pytest.raises(ValueError, match="prediction: unknown 'flow'"):
         NoiseSchedule("linear", prediction="flow")
     with pytest.raises(ValueError, match="steps: 1000 leading steps with steps_offset 1 reach timestep 1000"):
@@ -98,6 +100,33 @@ def test_ddim_loop_equals_diffusers(eta, config, one_thread):
     # float32 on both sides (diffusers' coefficients too); the fused step orders its arithmetic differently
     bound = float32_bound(schedule, steps, float(expected.abs().max()))
     assert (ours - expected).abs().max() <= bound < (expected - x_T).abs().max()
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("spacing,steps", [("linspace", 25), ("trailing", 7), ("leading", 7)])
+def test_ddim_steps_like_the_scheduler_whatever_its_spacing(spacing, steps, eta, one_thread):
+    """diffusers' DDIMScheduler.step goes from t to t − T//steps (scheduling_ddim.py, `prev_timestep`), not to the
+    next timestep of its list: with linspace or trailing spacing the two differ unless T/steps is an integer
+    (25 linspace steps: 999 → 959 while the list's next is 957; 7 trailing: 999 → 857, list 856). A schedule
+    built from a DDIMScheduler follows that rule for DDIM; one built otherwise steps along the list."""
+    unet, scheduler, n, seed = tiny_unet(2), DDIMScheduler(timestep_spacing=spacing), 2, 4
+    schedule = NoiseSchedule(scheduler)
+    assert schedule.ddim_previous == "stride"
+    x_T = keyed_normal(seed, range(n), 0, SHAPE, torch.device("cpu"), torch.float32)
+    noises = [keyed_normal(seed, range(n), k + 1, SHAPE, torch.device("cpu"), torch.float32) for k in range(steps)]
+    with torch.no_grad():
+        expected = _diffusers_ddim(unet, scheduler, x_T, steps, eta, noises)
+    kwargs = dict(steps=steps, method="ddim", eta=eta, seed=seed, progress=False)
+    ours = biasfast.sample(unet, (n, *SHAPE), schedule, **kwargs)
+    bound = float32_bound(schedule, steps, float(expected.abs().max()))
+    assert (ours - expected).abs().max() <= bound < (expected - x_T).abs().max()
+    along = NoiseSchedule(scheduler.alphas_cumprod, spacing=spacing, clip_sample=schedule.clip_sample)  # a table
+    assert along.ddim_previous == "next"
+    listed = biasfast.sample(unet, (n, *SHAPE), along, **kwargs)
+    if spacing == "leading":  # T//steps apart: the rules agree
+        assert (listed - ours).abs().max() <= bound
+    else:
+        assert (listed - ours).abs().max() > bound
 
 
 def test_ddpm_full_loop_equals_diffusers(monkeypatch, one_thread):

@@ -73,30 +73,81 @@ def time_split(work: str, n: int, steps: int, rows: int) -> dict:
     return {**timings, **spent, "outside_sampling_and_knn_s": rest, "outside_share": rest / timings["total_s"]}
 
 
+MEMORY_FIELDS = ("Rss", "Anonymous", "Private_Dirty", "Private_Clean", "Shared_Clean", "Pss_File")
+
+
+def _smaps_rollup() -> dict:
+    """This process's memory by kind, in KiB (Linux /proc/self/smaps_rollup)."""
+    kinds = {}
+    with open("/proc/self/smaps_rollup") as stream:
+        for line in stream:
+            name, value = line.split()[:2]
+            if name.rstrip(":") in MEMORY_FIELDS:
+                kinds[name.rstrip(":")] = int(value)
+    return kinds
+
+
+def _memory_child(arguments: list[str]) -> None:
+    """Run one audit here while a thread polls smaps_rollup every 10 ms; print the peak of each kind.
+
+    ru_maxrss counts the memmapped training files' pages once touched (file-backed and clean, reclaimable), so it
+    grows with the data even when nothing is held; Anonymous / Private_Dirty are what the audit allocates."""
+    import resource
+    import threading
+
+    from biasfast.apps.main import main as cli
+
+    peaks = _smaps_rollup()
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.wait(0.01):
+            for name, value in _smaps_rollup().items():
+                peaks[name] = max(peaks[name], value)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    code = cli(arguments)
+    done.set()
+    poller.join()
+    for name, value in _smaps_rollup().items():
+        peaks[name] = max(peaks[name], value)
+    peaks["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print("PEAKS_KB", json.dumps(peaks))
+    sys.exit(code)
+
+
 def peak_memory(work: str, rows: int, n: int) -> dict:
-    """Peak RSS of an audit of given samples (no sampling) against two memory-mapped sets of `rows` images."""
+    """Peak memory of an audit of given samples (no sampling) against two memory-mapped sets of `rows` images:
+    ru_maxrss and, polled, the peaks of anonymous (allocated) and file-backed (page cache) memory."""
     samples = _images(os.path.join(work, f"samples_{n}.npy"), n, 7)
     train_a = _images(os.path.join(work, f"a_{rows}.npy"), rows, 0)
     train_b = _images(os.path.join(work, f"b_{rows}.npy"), rows, 1)
     out = os.path.join(work, f"memory_{rows}_{time.time_ns()}")
-    code = ("import resource, sys; from biasfast.apps.main import main; "
-            f"rc = main(['audit', '--samples-a', {samples!r}, '--samples-b', {samples!r}, '--train-a', {train_a!r}, "
-            f"'--train-b', {train_b!r}, '--out', {out!r}, '--no-progress']); "
-            "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    arguments = ["audit", "--samples-a", samples, "--samples-b", samples, "--train-a", train_a, "--train-b", train_b,
+                 "--out", out, "--no-progress"]
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    peak = int(next(line.split()[1] for line in result.stdout.splitlines() if line.startswith("PEAK_KB")))
-    return {"rows": rows, "peak_rss_mib": peak / 1024, "wall_s": time.perf_counter() - started}
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", json.dumps(arguments)],
+                            capture_output=True, text=True, check=True)
+    line = next(line for line in result.stdout.splitlines() if line.startswith("PEAKS_KB"))
+    peaks = json.loads(line.split(maxsplit=1)[1])
+    return {"rows": rows, **{f"peak_{name}_mib": value / 1024 for name, value in peaks.items()},
+            "wall_s": time.perf_counter() - started}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--work", required=True)
+    parser.add_argument("--work")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--images", type=int, nargs="+", default=[5000, 50000])
     parser.add_argument("--skip-split", action="store_true")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child is not None:
+        return _memory_child(json.loads(args.memory_child))
+    if args.work is None:
+        parser.error("--work: required (a folder for the models, images and audit outputs)")
     os.makedirs(args.work, exist_ok=True)
     if not args.skip_split:
         print(json.dumps({"time_split": time_split(args.work, args.n, args.steps, args.images[0])}), flush=True)

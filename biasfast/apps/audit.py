@@ -22,12 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from biasfast._core.checks import check_device
-from biasfast._core.constants import METRICS, SAMPLER_METHODS
+from biasfast._core.constants import METRICS
 from biasfast._core.io import write_atomically, write_json_atomic
-from biasfast._core.seeds import seed_for
+from biasfast._core.memory import fix_mmap_threshold
 from biasfast.data.stream import ImageStream
 from biasfast.diffusion.models import denoise
-from biasfast.diffusion.sampling import sample_coupled
+from biasfast.diffusion.sampling import DPM_SOLVER, LOOP_METHODS, sample_coupled
 from biasfast.diffusion.schedules import NAMED_SCHEDULES, NoiseSchedule
 from biasfast.metrics.bias import BiasReport, bias_score
 from biasfast.metrics.features import Embedding
@@ -167,14 +167,15 @@ def save_shard(out: str, index: int, a: torch.Tensor, b: torch.Tensor) -> None:
 
 def sample_shards(models, schedule: NoiseSchedule, shape, config: AuditConfig, out: str, device: torch.device,
                   batch_size: int, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """All n sample pairs, shard by shard; shard k's noise is keyed by (seed, k), so a resumed audit redoes
-    nothing and makes exactly the samples an uninterrupted one would."""
+    """All n sample pairs, shard by shard; sample j's noise is keyed by (seed, j), its global index, so the
+    samples equal one `sample_coupled(models, n, seed=seed)` call whatever the shard and batch sizes, and a
+    resumed audit redoes nothing and makes exactly the samples an uninterrupted one would."""
     shards = range(0, config.n, config.shard_size)
     bar = tqdm(total=config.n, desc="sampling A and B", unit="pair", disable=not progress)
     for index, start in enumerate(shards):
         size = min(config.shard_size, config.n - start)
         if not os.path.isfile(_shard_path(out, "b", index)):
-            a, b = sample_coupled(models, size, shape, schedule, seed=seed_for(config.seed, "audit", index),
+            a, b = sample_coupled(models, size, shape, schedule, seed=config.seed, first_index=start,
                                   steps=config.steps, method=config.method, eta=config.eta, batch_size=batch_size,
                                   device=device, progress=False)
             save_shard(out, index, a, b)
@@ -286,15 +287,18 @@ def _config(args: argparse.Namespace) -> AuditConfig:
                         ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValueError(f"{flag}: expected a positive int, got {value}")
-    if args.method not in SAMPLER_METHODS:
-        raise ValueError(f"--method: unknown {args.method!r}; expected one of {SAMPLER_METHODS}")
+    if args.method not in LOOP_METHODS:
+        raise ValueError(f"--method: unknown {args.method!r}; expected one of {LOOP_METHODS}")
+    eta = (0.0 if args.method == DPM_SOLVER else 1.0) if args.eta is None else args.eta
+    if args.method == DPM_SOLVER and eta != 0.0:
+        raise ValueError(f"--eta: DPM-Solver++ is deterministic (eta 0), got {eta}")
     if args.metric not in METRICS or args.metric == "hamming":
         raise ValueError(f"--metric: expected one of {METRICS[:-1]}, got {args.metric!r}")
     if args.schedule not in NAMED_SCHEDULES:
         raise ValueError(f"--schedule: unknown {args.schedule!r}; expected one of {NAMED_SCHEDULES}")
     paths = {k: None if v is None else os.path.abspath(v) for k, v in vars(args).items()
              if k in ("model_a", "model_b", "samples_a", "samples_b", "train_a", "train_b", "test")}
-    return AuditConfig(**paths, n=args.n, steps=args.steps, method=args.method, eta=args.eta, metric=args.metric,
+    return AuditConfig(**paths, n=args.n, steps=args.steps, method=args.method, eta=eta, metric=args.metric,
                        seed=args.seed, shard_size=args.shard_size, schedule=args.schedule, features=args.features)
 
 
@@ -328,6 +332,7 @@ def _versions() -> dict:
 
 def run_audit(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    fix_mmap_threshold()  # private memory independent of the training sets' size (see _core.memory)
     device = check_device(args.device, "--device")
     config = _config(args)
     progress = not args.no_progress
@@ -393,8 +398,8 @@ def add_parser(commands) -> None:
     audit.add_argument("--test", default=None, help="fresh images (adds the NN divergence)")
     audit.add_argument("--n", type=int, default=1000, help="sample pairs")
     audit.add_argument("--steps", type=int, default=50, help="sampler steps")
-    audit.add_argument("--method", default="ddim", help="ddim or ddpm")
-    audit.add_argument("--eta", type=float, default=1.0, help="DDIM eta")
+    audit.add_argument("--method", default="ddim", help="ddim, ddpm or dpmsolver++ (DPM-Solver++(2M))")
+    audit.add_argument("--eta", type=float, default=None, help="DDIM eta (default 1.0; DPM-Solver++ needs 0)")
     audit.add_argument("--metric", default="pearson", help="pearson, cosine, l2 or sqeuclidean")
     audit.add_argument("--features", default=None, metavar="MODULE:NAME",
                        help="an embedding to search in (module or callable; default: pixels)")

@@ -37,6 +37,24 @@ def denoise(model: Callable[..., Any], x: torch.Tensor, t: torch.Tensor,
     return model_output(output, name)
 
 
+def label_classes(model: Any) -> int | None:
+    """The real classes of a class-conditional model, the null class being index `label_classes(model)`; None for
+    an unconditional one. biasfast's models: `num_classes` (their embedding has one more row). A diffusers model
+    with an embedding of labels (`num_class_embeds` K, `class_embed_type` None) reserves its last row the same
+    way: K − 1 classes and null class K − 1, which label dropout and `null_label=K − 1` guidance use."""
+    cond = getattr(model, "cond", None)
+    if getattr(cond, "num_classes", None):
+        return cond.num_classes
+    config = getattr(model, "config", None)
+    get = getattr(config, "get", None)
+    if callable(get) and get("num_class_embeds") and get("class_embed_type") is None:
+        if get("num_class_embeds") < 2:
+            raise ValueError(f"model: num_class_embeds {get('num_class_embeds')} leaves no class beside the null "
+                             "class (the last embedding); build it with num_class_embeds = classes + 1")
+        return int(get("num_class_embeds")) - 1
+    return None
+
+
 def model_output(output: Any, name: str = "model") -> torch.Tensor:
     """The prediction tensor in what a denoiser returned: a tensor, `.sample`, or the first element of a tuple."""
     if isinstance(output, torch.Tensor):

@@ -104,6 +104,7 @@ def sample_coupled(
     schedule: NoiseSchedule,
     *,
     seed: int = 0,
+    first_index: int = 0,
     steps: int | None = None,
     method: str = "ddim",
     eta: float = 0.0,
@@ -135,13 +136,16 @@ def sample_coupled(
     to the next one (-1 last); steps defaults to 50 for DDIM, 20 for DPM-Solver++, every step for DDPM.
     `clip_sample` clamps x̂0; with `use_clipped_model_output` ε̂ is re-derived from the clipped x̂0 (see `step`).
     `prediction`, `spacing` and `clip_sample` default to the schedule's (a diffusers scheduler's config).
-    The noise of sample j depends only on (seed, j, step), so results do not depend on `batch_size`.
+    The noise of sample j depends only on (seed, first_index + j, step), so results do not depend on `batch_size`,
+    and n samples made in pieces (each piece passing the global index of its first sample) equal one call's.
     """
     models = list(models)
     if not models or not all(callable(m) for m in models):
         raise TypeError("models: expected a non-empty sequence of callables model(x, t, class_labels)")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n: expected a positive int, got {n!r}")
+    if isinstance(first_index, bool) or not isinstance(first_index, int) or first_index < 0:
+        raise ValueError(f"first_index: expected a non-negative int, got {first_index!r}")
     shape = tuple(shape)
     if method not in LOOP_METHODS:
         raise ValueError(f"method: unknown {method!r}; expected one of {LOOP_METHODS}")
@@ -166,7 +170,7 @@ def sample_coupled(
         timesteps = dpm_solver_timesteps(schedule, steps)
     else:
         timesteps = schedule.timesteps(steps, spacing).tolist()
-    pairs = list(zip(timesteps, timesteps[1:] + [-1]))
+    pairs = list(zip(timesteps, schedule.previous_timesteps(timesteps, method)))
     corrections = second_order_corrections(schedule, timesteps) if multistep else None
     noisy = method == "ddpm" or eta > 0
     config = dict(method="ddim" if multistep else method, prediction=prediction, eta=eta,
@@ -178,8 +182,9 @@ def sample_coupled(
     bar = tqdm(total=len(batches) * len(pairs), disable=not progress, desc="sampling", unit="step")
     with torch.no_grad():
         for start in batches:
-            indices = range(start, min(n, start + batch_size))
-            batch_labels = None if labels is None else labels[start:indices.stop].to(device)
+            stop = min(n, start + batch_size)
+            indices = range(first_index + start, first_index + stop)  # the noise keys: global sample indices
+            batch_labels = None if labels is None else labels[start:stop].to(device)
             x_T = keyed_normal(seed, indices, 0, shape, device, dtype)
             xs = [x_T.clone() for _ in models]
             previous_x0: list[torch.Tensor | None] = [None for _ in models]  # DPM-Solver++'s m1

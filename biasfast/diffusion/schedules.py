@@ -15,6 +15,8 @@ from biasfast._core.constants import PREDICTIONS
 
 NAMED_SCHEDULES = ("linear", "scaled_linear", "cosine", "diffusion_lm")
 SPACINGS = ("leading", "trailing", "linspace")
+DDIM_PREVIOUS = ("next", "stride")  # where a DDIM step goes: the next listed timestep, or t − T//steps
+STRIDE_SCHEDULERS = ("DDIMScheduler",)  # diffusers schedulers whose DDIM step computes t − T//steps
 
 
 def _linear_betas(start: float, end: float, num_timesteps: int) -> torch.Tensor:
@@ -60,6 +62,9 @@ class NoiseSchedule:
     `alphas_cumprod` and a `config`; see `from_diffusers`), so existing pipelines plug in their own tables.
     `prediction`, `spacing`, `steps_offset` and `clip_sample` are the defaults the samplers use with this
     schedule (diffusers keeps them in the scheduler's config; a name or a table gets the DDPM defaults).
+    `ddim_previous` is where a DDIM step from t goes: "next", the next timestep of the list, or "stride",
+    t − T//steps as diffusers' DDIMScheduler does whatever its spacing (the two differ for linspace and
+    trailing spacing when T/steps is not an integer); a DDIMScheduler gives "stride".
     """
 
     def __init__(
@@ -72,6 +77,7 @@ class NoiseSchedule:
         spacing: str = "leading",
         steps_offset: int = 0,
         clip_sample: float | None = None,
+        ddim_previous: str = "next",
     ) -> None:
         rescaled = False  # the ᾱ table came rescaled to zero terminal SNR (a diffusers scheduler's may)
         if isinstance(schedule, str):
@@ -92,6 +98,7 @@ class NoiseSchedule:
             zero_terminal_snr = False  # never rescale twice
             prediction, spacing = settings["prediction"], settings["spacing"]
             steps_offset, clip_sample = settings["steps_offset"], settings["clip_sample"]
+            ddim_previous = settings["ddim_previous"]
         else:
             raise TypeError(f"schedule: expected a name, an alphas_cumprod tensor or a diffusers scheduler, "
                             f"got {type(schedule).__name__}")
@@ -101,6 +108,8 @@ class NoiseSchedule:
             raise ValueError(f"spacing: unknown {spacing!r}; expected one of {SPACINGS}")
         if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
             raise ValueError(f"steps_offset: expected an int ≥ 0, got {steps_offset!r}")
+        if ddim_previous not in DDIM_PREVIOUS:
+            raise ValueError(f"ddim_previous: unknown {ddim_previous!r}; expected one of {DDIM_PREVIOUS}")
         if clip_sample is not None and not (isinstance(clip_sample, (int, float)) and clip_sample > 0):
             raise ValueError(f"clip_sample: expected a positive range or None, got {clip_sample!r}")
         if zero_terminal_snr:
@@ -109,6 +118,7 @@ class NoiseSchedule:
         self.alphas_cumprod = alphas_cumprod
         self.prediction, self.spacing, self.steps_offset = prediction, spacing, steps_offset
         self.clip_sample = None if clip_sample is None else float(clip_sample)
+        self.ddim_previous = ddim_previous
         self._device_tables: dict[tuple, torch.Tensor] = {}
 
     @classmethod
@@ -183,10 +193,19 @@ class NoiseSchedule:
             raise ValueError(f"spacing: unknown {spacing!r}; expected one of {SPACINGS}")
         return t.flip(0)
 
+    def previous_timesteps(self, timesteps: list[int], method: str) -> list[int]:
+        """Where the step from each of `timesteps` goes (−1: to x0): the next one, or for DDIM with
+        `ddim_previous="stride"` t − T//steps, as diffusers' DDIMScheduler.step computes `prev_timestep`."""
+        if method == "ddim" and self.ddim_previous == "stride":
+            stride = self.num_timesteps // len(timesteps)
+            return [t - stride if t >= stride else -1 for t in timesteps]
+        return timesteps[1:] + [-1]
+
     def __repr__(self) -> str:
         return (f"NoiseSchedule({self.name!r}, num_timesteps={self.num_timesteps}, "
                 f"zero_terminal_snr={self.zero_terminal_snr}, prediction={self.prediction!r}, "
-                f"spacing={self.spacing!r}, steps_offset={self.steps_offset}, clip_sample={self.clip_sample})")
+                f"spacing={self.spacing!r}, steps_offset={self.steps_offset}, clip_sample={self.clip_sample}, "
+                f"ddim_previous={self.ddim_previous!r})")
 
 
 def _is_diffusers_scheduler(value: Any) -> bool:
@@ -206,4 +225,5 @@ def _diffusers_settings(scheduler: Any) -> dict[str, Any]:
         "steps_offset": int(get("steps_offset", 0)),
         "clip_sample": float(get("clip_sample_range", 1.0)) if clip else None,
         "zero_terminal_snr": bool(get("rescale_betas_zero_snr", False)),
+        "ddim_previous": "stride" if type(scheduler).__name__ in STRIDE_SCHEDULERS else "next",
     }

@@ -16,7 +16,7 @@ from torch import nn
 from biasfast._core.constants import PREDICTIONS
 from biasfast._core.seeds import generator_for
 from biasfast.diffusion.losses import HybridLoss
-from biasfast.diffusion.models import denoise, drop_labels
+from biasfast.diffusion.models import denoise, drop_labels, label_classes
 from biasfast.diffusion.schedules import NoiseSchedule
 from biasfast.diffusion.weighting import weighting
 from biasfast.ops.snr_loss import snr_weighted_loss
@@ -75,7 +75,8 @@ def diffusion_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Ten
 class Trainer:
     """Trains one denoiser `model(x, t, class_labels=None)` (or a diffusers model) on `images` (N, C, H, W).
 
-    With `labels` and a model built with `num_classes`, labels are dropped to the null class with probability
+    With `labels` and a class-conditional model (`num_classes`; diffusers: `num_class_embeds` = classes + 1, see
+    `models.label_classes`), labels are dropped to the null class with probability
     `config.label_dropout` (classifier-free guidance training).
     """
 
@@ -89,9 +90,12 @@ class Trainer:
         self.model = model.to(self.device)
         self.images = images.to(self.device, torch.float32)
         self.labels = None if labels is None else labels.to(self.device, torch.long)
-        self.num_classes = getattr(getattr(model, "cond", None), "num_classes", None)
+        self.num_classes = label_classes(model)
         if self.labels is not None and not self.num_classes:
-            raise ValueError("labels: the model was built without num_classes")
+            raise ValueError("labels: the model was built without num_classes (diffusers: num_class_embeds)")
+        if self.labels is not None and not bool(((self.labels >= 0) & (self.labels < self.num_classes)).all()):
+            raise ValueError(f"labels: expected class indices in [0, {self.num_classes}) (index {self.num_classes} "
+                             f"is the model's null class), got [{int(self.labels.min())}, {int(self.labels.max())}]")
         self.schedule = schedule
         self.config = config
         self.weights = weighting(config.weighting, schedule, config.prediction,

@@ -120,6 +120,48 @@ def test_resume_after_a_kill_between_shards_gives_the_same_report(inputs, finish
     assert _load(out)["report"] == _load(finished)["report"]
 
 
+def _samples(out):
+    names = sorted(os.listdir(os.path.join(out, "samples")))
+    return [np.concatenate([np.load(os.path.join(out, "samples", f)) for f in names if f.startswith(m)]) for m in "ab"]
+
+
+def test_samples_and_report_do_not_depend_on_the_shard_size(inputs, finished, tmp_path):
+    """Noise keyed by the global sample index: one shard of 12 gives the three shards' samples (5, 5, 2), and both
+    equal one sample_coupled call with the audit's seed."""
+    out = tmp_path / "one_shard"
+    args = _args(inputs, out)
+    args[args.index("--shard-size") + 1] = str(N)
+    assert main(args) == 0
+    assert sorted(os.listdir(out / "samples")) == ["a_00000.npy", "b_00000.npy"]
+    for whole, sharded in zip(_samples(out), _samples(finished)):
+        np.testing.assert_array_equal(whole, sharded)
+    assert _load(out)["report"] == _load(finished)["report"]
+    models = [audit.load_diffusers_model(inputs[k], k)[0] for k in ("model_a", "model_b")]
+    schedule = biasfast.NoiseSchedule(diffusers.DDIMScheduler(num_train_timesteps=100))
+    direct = biasfast.sample_coupled(models, N, SHAPE, schedule, seed=0, steps=4, method="ddim", eta=1.0,
+                                     progress=False)
+    for made, sharded in zip(direct, _samples(finished)):
+        np.testing.assert_array_equal(made.numpy(), sharded)
+
+
+def test_dpm_solver_audit_equals_its_sampler(inputs, tmp_path):
+    """--method dpmsolver++ (eta 0 by default): the audit's samples are DPM-Solver++(2M)'s from the pipeline's
+    scheduler (that loop is checked against diffusers' DPMSolverMultistepScheduler in tests/diffusion)."""
+    out = tmp_path / "dpm"
+    assert main(_args(inputs, out, "--method", "dpmsolver++")) == 0
+    payload = _load(out)
+    assert payload["config"]["method"] == "dpmsolver++" and payload["config"]["eta"] == 0.0
+    models = [audit.load_diffusers_model(inputs[k], k)[0] for k in ("model_a", "model_b")]
+    schedule = biasfast.NoiseSchedule(diffusers.DDIMScheduler(num_train_timesteps=100))
+    direct = biasfast.sample_coupled(models, N, SHAPE, schedule, seed=0, steps=4, method="dpmsolver++",
+                                     progress=False)
+    for made, saved in zip(direct, _samples(out)):
+        np.testing.assert_array_equal(made.numpy(), saved)
+    ddim = biasfast.sample_coupled(models, N, SHAPE, schedule, seed=0, steps=4, method="ddim", progress=False)
+    assert not np.allclose(ddim[0].numpy(), _samples(out)[0])  # another sampler, not the DDIM default
+    assert payload["report"]["n_samples"] == N
+
+
 class TinyEmbedding(torch.nn.Module):
     """A fixed random conv embedding for --features (built with no arguments)."""
 
@@ -176,6 +218,9 @@ def _bad_inputs(inputs, tmp_path):
         ("empty", swap("--train-b", empty), "holds no PNG or JPEG images"),
         ("overlap", swap("--train-b", overlap), "overlap: 2 image(s)"),
         ("missing", swap("--test", tmp_path / "nowhere"), "--test: "),
+        ("dpm eta", _args(inputs, tmp_path / "dpm_eta", "--method", "dpmsolver++", "--eta", "1"),
+         "--eta: DPM-Solver++ is deterministic"),
+        ("method", _args(inputs, tmp_path / "heun", "--method", "heun"), "--method: unknown 'heun'"),
         ("both", _args(inputs, tmp_path / "both", "--samples-a", "x.npy"), "pass exactly one of them"),
         ("resume nothing", _args(inputs, tmp_path / "fresh", "--resume"), "holds no audit to continue"),
     ]

@@ -5,6 +5,7 @@ loops equal to diffusers' own scheduler loops from the same x_T and noise (model
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -67,6 +68,8 @@ def test_schedule_errors():
         NoiseSchedule.from_diffusers(object())
     with pytest.raises(TypeError, match="schedule: expected a name, an alphas_cumprod tensor or a diffusers"):
         NoiseSchedule(3.0)
+    with pytest.raises(ValueError, match="ddim_previous: unknown 'previous'"):
+        NoiseSchedule("linear", ddim_previous="previous")
     with pytest.raises(ValueError, match="prediction: unknown 'flow'"):
         NoiseSchedule("linear", prediction="flow")
     with pytest.raises(ValueError, match="steps: 1000 leading steps with steps_offset 1 reach timestep 1000"):
@@ -97,6 +100,33 @@ def test_ddim_loop_equals_diffusers(eta, config, one_thread):
     # float32 on both sides (diffusers' coefficients too); the fused step orders its arithmetic differently
     bound = float32_bound(schedule, steps, float(expected.abs().max()))
     assert (ours - expected).abs().max() <= bound < (expected - x_T).abs().max()
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("spacing,steps", [("linspace", 25), ("trailing", 7), ("leading", 7)])
+def test_ddim_steps_like_the_scheduler_whatever_its_spacing(spacing, steps, eta, one_thread):
+    """diffusers' DDIMScheduler.step goes from t to t − T//steps (scheduling_ddim.py, `prev_timestep`), not to the
+    next timestep of its list: with linspace or trailing spacing the two differ unless T/steps is an integer
+    (25 linspace steps: 999 → 959 while the list's next is 957; 7 trailing: 999 → 857, list 856). A schedule
+    built from a DDIMScheduler follows that rule for DDIM; one built otherwise steps along the list."""
+    unet, scheduler, n, seed = tiny_unet(2), DDIMScheduler(timestep_spacing=spacing), 2, 4
+    schedule = NoiseSchedule(scheduler)
+    assert schedule.ddim_previous == "stride"
+    x_T = keyed_normal(seed, range(n), 0, SHAPE, torch.device("cpu"), torch.float32)
+    noises = [keyed_normal(seed, range(n), k + 1, SHAPE, torch.device("cpu"), torch.float32) for k in range(steps)]
+    with torch.no_grad():
+        expected = _diffusers_ddim(unet, scheduler, x_T, steps, eta, noises)
+    kwargs = dict(steps=steps, method="ddim", eta=eta, seed=seed, progress=False)
+    ours = biasfast.sample(unet, (n, *SHAPE), schedule, **kwargs)
+    bound = float32_bound(schedule, steps, float(expected.abs().max()))
+    assert (ours - expected).abs().max() <= bound < (expected - x_T).abs().max()
+    along = NoiseSchedule(scheduler.alphas_cumprod, spacing=spacing, clip_sample=schedule.clip_sample)  # a table
+    assert along.ddim_previous == "next"
+    listed = biasfast.sample(unet, (n, *SHAPE), along, **kwargs)
+    if spacing == "leading":  # T//steps apart: the rules agree
+        assert (listed - ours).abs().max() <= bound
+    else:
+        assert (listed - ours).abs().max() > bound
 
 
 def test_ddpm_full_loop_equals_diffusers(monkeypatch, one_thread):
@@ -197,3 +227,39 @@ def test_min_snr_diffusers_convention_equals_the_training_scripts(prediction):
     expected = ((pred - target) ** 2).mean(dim=(1, 2, 3)) * weights
     criterion = SNRWeightedLoss(schedule, "min_snr", prediction, gamma=gamma, convention="diffusers")
     torch.testing.assert_close(criterion(pred, target, timesteps), expected.mean(), rtol=1e-5, atol=0)
+
+
+class _Conditioned(torch.nn.Module):
+    """The same UNet behind biasfast's own conditioning convention (`cond.num_classes`, labels positional)."""
+
+    def __init__(self, unet: UNet2DModel, num_classes: int) -> None:
+        super().__init__()
+        self.unet, self.cond = unet, types.SimpleNamespace(num_classes=num_classes)
+
+    def forward(self, x, t, class_labels=None):
+        return self.unet(x, t, class_labels=class_labels).sample
+
+
+def test_class_conditional_unet_trains_and_samples_with_labels(one_thread):
+    """UNet2DModel(num_class_embeds=4): 3 classes and the null class 3. The Trainer passes labels by keyword and
+    drops them to 3 as it does for biasfast's models; sampling with labels uses the class embedding."""
+    images, labels = torch.rand(6, *SHAPE) * 2 - 1, torch.tensor([0, 1, 2, 0, 1, 2])
+    schedule = NoiseSchedule(DDPMScheduler())
+    config = TrainConfig(batch_size=4, lr=1e-3, label_dropout=0.5, seed=3)
+    direct = Trainer(tiny_unet(num_class_embeds=4), images, schedule, config, labels=labels)
+    wrapped = Trainer(_Conditioned(tiny_unet(num_class_embeds=4), 3), images, schedule, config, labels=labels)
+    assert direct.num_classes == 3
+    losses = [(direct.train_step(), wrapped.train_step()) for _ in range(4)]
+    for ours, reference in losses:
+        assert ours == pytest.approx(reference, rel=1e-6)
+    assert losses[0][0] != losses[3][0]
+    model = direct.eval_model.eval()
+    kwargs = dict(steps=5, seed=1, progress=False)
+    per_label = [biasfast.sample(model, (2, *SHAPE), schedule, class_labels=label, **kwargs) for label in (0, 2)]
+    by_hand = biasfast.sample(_Conditioned(model, 3), (2, *SHAPE), schedule, class_labels=0, **kwargs)
+    torch.testing.assert_close(per_label[0], by_hand, rtol=0, atol=0)
+    assert not torch.allclose(per_label[0], per_label[1])  # the label reaches the model
+    guided = biasfast.sample(model, (2, *SHAPE), schedule, class_labels=0, guidance_scale=2.0, null_label=3, **kwargs)
+    assert torch.isfinite(guided).all() and not torch.allclose(guided, per_label[0])
+    with pytest.raises(ValueError, match=r"labels: expected class indices in \[0, 3\)"):
+        Trainer(tiny_unet(num_class_embeds=4), images, schedule, config, labels=labels + 1)

@@ -372,6 +372,9 @@ def test_coupled_sampling_is_batch_size_invariant(method, eta):
     prefix = biasfast.sample_coupled(models[:1], 4, (3, 4, 4), SCHEDULE, **kwargs)[0]
     assert torch.equal(prefix, whole[0][:4])  # sample j's noise does not depend on n either
     assert not torch.equal(whole[0], whole[1])
+    pieces = [biasfast.sample_coupled(models, stop - start, (3, 4, 4), SCHEDULE, first_index=start, **kwargs)
+              for start, stop in ((0, 2), (2, 7))]  # made in pieces, keyed by the global index
+    assert all(torch.equal(torch.cat([p[m] for p in pieces]), whole[m]) for m in range(2))
 
 
 def test_identical_models_give_identical_samples_with_guidance():
@@ -565,6 +568,7 @@ def test_ops_reject_bad_input_too():
     [
         (dict(guidance_scale=2.0), "class_labels: required"),
         (dict(batch_size=0), "batch_size: expected a positive int"),
+        (dict(first_index=-1), "first_index: expected a non-negative int"),
         (dict(method="heun"), "method: unknown"),
     ],
 )

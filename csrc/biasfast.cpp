@@ -54,8 +54,9 @@ PyObject* cpu_isa(PyObject*, PyObject*) {
 PyObject* cpu_variants_ran(PyObject*, PyObject*) {
   PyObject* ran = PyDict_New();
   if (ran == nullptr) return nullptr;
+  std::lock_guard<std::mutex> lock(biasfast::variants_mutex());
   for (const auto& [op, variant] : biasfast::variants_ran()) {
-    PyObject* value = PyUnicode_FromString(variant.c_str());
+    PyObject* value = PyUnicode_FromString(variant);
     if (value == nullptr || PyDict_SetItemString(ran, op.c_str(), value) != 0) {
       Py_XDECREF(value);
       Py_DECREF(ran);

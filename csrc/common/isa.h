@@ -58,12 +58,13 @@ inline std::atomic<int>& avx2_choice() {
   return choice;
 }
 
-// Each op's variant on its last CPU call, by op name.
-inline std::map<std::string, std::string> variants_ran(const char* op = nullptr, const char* variant = nullptr) {
+// Each op's variant on its last CPU call, by op name (guarded by variants_mutex).
+inline std::mutex& variants_mutex() {
   static std::mutex mutex;
-  static std::map<std::string, std::string> ran;
-  std::lock_guard<std::mutex> lock(mutex);
-  if (op != nullptr) ran[op] = variant;
+  return mutex;
+}
+inline std::map<std::string, const char*>& variants_ran() {
+  static std::map<std::string, const char*> ran;
   return ran;
 }
 
@@ -72,7 +73,8 @@ inline std::map<std::string, std::string> variants_ran(const char* op = nullptr,
 inline bool select_cpu_isa(const char* op, bool has_avx2_variant = true) {
   const bool avx2 = avx2_requested() && has_avx2_variant;
   if (has_avx2_variant) avx2_choice().store(avx2 ? 1 : 0, std::memory_order_relaxed);
-  variants_ran(op, avx2 ? "avx2" : "generic");
+  std::lock_guard<std::mutex> lock(variants_mutex());
+  variants_ran()[op] = avx2 ? "avx2" : "generic";
   return avx2;
 }
 

@@ -33,7 +33,10 @@ RUN_OPTIONS = {
     "steps": ("--steps", int, "training steps per model"),
     "batch_size": ("--batch-size", int, "training batch size"),
     "lr": ("--lr", float, "AdamW learning rate"),
+    "schedule": ("--schedule", str, "noise schedule: linear (default), scaled_linear, cosine or diffusion_lm"),
     "ema_decay": ("--ema", float, "EMA decay of the evaluated weights (default: no EMA)"),
+    "ema_warmup": ("--ema-warmup", bool, "warm the EMA up as diffusers' EMAModel does: decay min(--ema, "
+                   "(1 + k)/(10 + k)) at update k"),
     "checkpoints": ("--checkpoints", int, "number of log-spaced checkpoints"),
     "n_samples": ("--samples", int, "coupled samples per model and checkpoint"),
     "sample_steps": ("--sample-steps", int, "DDIM steps when sampling"),
@@ -245,7 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="disjoint-split training with bias tracking (default: embedded digits)")
     for name, (flag, kind, text) in RUN_OPTIONS.items():
-        run.add_argument(flag, dest=name, type=kind, default=None, help=text)
+        if kind is bool:  # a switch: absent leaves the configuration's value
+            run.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=text)
+        else:
+            run.add_argument(flag, dest=name, type=kind, default=None, help=text)
     run.add_argument("--weighting", default=None,
                      help="loss weighting (constant, debias, min_snr, ...); a comma list trains one run per weighting")
     run.add_argument("--seeds", default=None,

@@ -66,6 +66,7 @@ class RunConfig:
     batch_size: int = 128
     lr: float = 2e-3
     ema_decay: float | None = None
+    ema_warmup: bool = False
     checkpoints: int = 12
     first_checkpoint: int = 15
     n_samples: int = 512
@@ -146,7 +147,7 @@ class Experiment:
         params = {} if config.weight_mean is None else {"mean": config.weight_mean}
         train_config = TrainConfig(batch_size=config.batch_size, lr=config.lr, weighting=config.weighting,
                                    weighting_params=params, loss=config.loss, ema_decay=config.ema_decay,
-                                   seed=config.seed)
+                                   ema_warmup=config.ema_warmup, seed=config.seed)
         channels, size = self.image_shape[0], self.image_shape[-1]
         kwargs = {"base_channels": config.width} if config.model == "unet" else {"hidden": config.width}
         learned = config.loss == "hybrid"

@@ -41,6 +41,7 @@ class TrainConfig:
     prediction: str = "epsilon"
     loss: str = "mse"
     ema_decay: float | None = None
+    ema_warmup: bool = False
     label_dropout: float = 0.0
     seed: int = 0
 
@@ -55,11 +56,22 @@ class TrainConfig:
             raise ValueError(f"loss: unknown {self.loss!r}; expected one of {LOSSES}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay: expected a value in (0, 1) or None, got {self.ema_decay!r}")
+        if self.ema_warmup and self.ema_decay is None:
+            raise ValueError("ema_warmup: needs ema_decay (there is no EMA to warm up)")
         if not 0.0 <= self.label_dropout <= 1.0:
             raise ValueError(f"label_dropout: expected a probability in [0, 1], got {self.label_dropout!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def ema_decay_at(update: int, decay: float, warmup: bool) -> float:
+    """The EMA decay of the update after `update` earlier ones. With `warmup`, diffusers' EMAModel default:
+    min(decay, (1 + k)/(10 + k)) and a plain copy at the first update, so short runs are not dominated by the
+    initial weights (after k plain updates they still carry decay^k of them: 5% after 3000 at 0.999)."""
+    if not warmup:
+        return decay
+    return 0.0 if update == 0 else min(decay, (1 + update) / (10 + update))
 
 
 def diffusion_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, prediction: str
@@ -157,9 +169,10 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         if self.ema is not None:
+            weight = 1.0 - ema_decay_at(self.step, self.config.ema_decay, self.config.ema_warmup)
             with torch.no_grad():
                 for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                    e.lerp_(p, 1.0 - self.config.ema_decay)
+                    e.lerp_(p, weight)
         self.step += 1
         return float(loss.detach())
 

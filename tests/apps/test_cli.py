@@ -350,3 +350,13 @@ def test_weighting_comparison_over_seeds_resumes(tmp_path, capsys):
     assert "seeds" in capsys.readouterr().err
     assert main(["run", "--quick", "--seed", "1", "--seeds", "1,2", "--out", str(tmp_path / "s")]) == 2
     assert "either --seed or --seeds" in capsys.readouterr().err
+
+
+def test_schedule_and_ema_warmup_options_reach_the_configuration():
+    from biasfast.apps.main import _explicit_options, build_parser
+    from biasfast.apps.run import RunConfig
+
+    args = build_parser().parse_args(["run", "--schedule", "cosine", "--ema", "0.99", "--ema-warmup"])
+    config = RunConfig(**_explicit_options(args))
+    assert (config.schedule, config.ema_decay, config.ema_warmup) == ("cosine", 0.99, True)
+    assert "ema_warmup" not in _explicit_options(build_parser().parse_args(["run"]))  # absent: the default

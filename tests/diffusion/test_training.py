@@ -10,7 +10,8 @@ from biasfast.diffusion.schedules import NoiseSchedule
 from biasfast._core.io import load_checkpoint, save_atomic
 from biasfast._core.seeds import generator_for
 from biasfast.ops import reference
-from biasfast.diffusion.training import DenoisingEval, TrainConfig, Trainer, diffusion_target, log_spaced_steps
+from biasfast.diffusion.training import (DenoisingEval, TrainConfig, Trainer, diffusion_target, ema_decay_at,
+                                        log_spaced_steps)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,6 +65,33 @@ def test_ema_tracks_the_weights():
     for e, p, b in zip(trainer.ema.parameters(), trainer.model.parameters(), before):
         torch.testing.assert_close(e, 0.75 * b + 0.25 * p)
     assert trainer.eval_model is trainer.ema
+
+
+def test_ema_warmup_equals_diffusers_ema_model():
+    """With ema_warmup the EMA weights follow diffusers' EMAModel (its default (1 + k)/(10 + k) warm-up) step for
+    step; without it they keep ~decay^k of the initial weights."""
+    training_utils = pytest.importorskip("diffusers.training_utils")
+    trainer = _trainer(ema_decay=0.99, ema_warmup=True)
+    initial = [p.detach().clone() for p in trainer.model.parameters()]
+    ema = training_utils.EMAModel(trainer.model.parameters(), decay=0.99)
+    for _ in range(12):
+        trainer.train_step()
+        ema.step(trainer.model.parameters())
+    for ours, theirs in zip(trainer.ema.parameters(), ema.shadow_params):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    plain = _trainer(ema_decay=0.99)
+    for _ in range(12):
+        plain.train_step()
+    gap = max(float((a - b).abs().max()) for a, b in zip(plain.ema.parameters(), trainer.ema.parameters()))
+    drift = max(float((p.detach() - i).abs().max()) for p, i in zip(trainer.model.parameters(), initial))
+    assert gap > 0.5 * drift  # the plain EMA is still near the initial weights
+
+
+def test_ema_decay_at_follows_the_warmup_rule():
+    assert [ema_decay_at(k, 0.9, True) for k in range(4)] == [0.0, 2 / 11, 3 / 12, 4 / 13]
+    assert ema_decay_at(10**6, 0.9, True) == 0.9 and ema_decay_at(0, 0.9, False) == 0.9
+    with pytest.raises(ValueError, match="ema_warmup: needs ema_decay"):
+        TrainConfig(ema_warmup=True)
 
 
 def test_training_step_uses_the_weighted_loss():

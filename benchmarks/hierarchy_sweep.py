@@ -18,7 +18,9 @@ The signs (as `biasfast hierarchy` reads them):
   generated sequences sit closer to A's training set than fresh data, by more than 2 standard errors
   (`nn_distance_gap` + 2·SE < 0);
 - excess: `loss-decomposition`'s training ℓ̃ is below zero by 2 SE from some checkpoint on (onset epoch);
-- uturn: U-turns from training starts return closer to their start than from test starts, by 2 SE at every t.
+- uturn: U-turns from training starts return closer to their start than from test starts, by 2 SE at every t;
+  and the regrowth: the train − test gap grows beyond its minimum by 2 SE at every t (after the copy-free test
+  set's early offset, this is the reading).
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def signs(results: dict, depth: int) -> dict:
     if "uturn" in results:
         p = results["uturn"]["phase"]
         out["uturn"] = {"separated_from": p["separated_from"], "largest_gap_epoch": p["largest_gap_epoch"],
-                        "largest_gap": max(p["train_minus_test_gap"])}
+                        "largest_gap": max(p["train_minus_test_gap"]),
+                        "gap_minimum_epoch": p.get("gap_minimum_epoch"), "regrowth_from": p.get("regrowth_from")}
     return out
 
 
@@ -151,8 +154,9 @@ def _cell(value) -> str:
 def table(out: str) -> str:
     """Markdown table of every summary under `out`, in the order they were written."""
     rows = ["| config | train wall / CPU (s) | nearest BP_k per checkpoint | coarse→fine | KL(A‖B) min → last | "
-            "KL(BP0‖A) min → last | window (τ_bias, τ_test) | nn closer (2 SE) | ℓ̃<0 from | U-turn sep. from |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "KL(BP0‖A) min → last | window (τ_bias, τ_test) | nn closer (2 SE) | ℓ̃<0 from | U-turn sep. from | "
+            "U-turn regrowth (2 SE) from |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     summaries = []
     for path in glob.glob(os.path.join(out, "*", "summary.json")):
         with open(path) as f:
@@ -169,7 +173,7 @@ def table(out: str) -> str:
             _cell(seq.get("biased_window")) + (" (test still falling)" if seq.get("test_still_falling") else ""),
             "–" if nn is None else (", ".join(map(str, nn["closer_than_fresh_2se_at"])) or "no"),
             _cell(g.get("loss-decomposition", {}).get("excess_negative_from")),
-            _cell(g.get("uturn", {}).get("separated_from"))]) + " |")
+            _cell(g.get("uturn", {}).get("separated_from")), _cell(g.get("uturn", {}).get("regrowth_from"))]) + " |")
     return "\n".join(rows)
 
 

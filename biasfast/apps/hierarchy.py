@@ -93,8 +93,11 @@ def _configs(args: argparse.Namespace) -> tuple[PairConfig, EvalConfig]:
 def _summary(result: dict) -> str:
     phase = result["phase"]
     if result["experiment"] == "uturn":
-        return (f"train − test overlap-ratio gap largest at epoch {phase['largest_gap_epoch']}; train and test "
-                f"separated (> 2 SE at every t) from epoch {phase['separated_from']}")
+        gaps = ", ".join(f"{e} {g:+.3f}" for e, g in zip(result["epochs"], phase["train_minus_test_gap"]))
+        return (f"train − test overlap-ratio gap by epoch: {gaps}\n"
+                f"largest at epoch {phase['largest_gap_epoch']}; separated (> 2 SE at every t) from epoch "
+                f"{phase['separated_from']}; smallest at epoch {phase['gap_minimum_epoch']}, regrown beyond it "
+                f"(> 2 SE at every t) from epoch {phase['regrowth_from']}")
     lines = [f"minima (epoch): " + ", ".join(f"{k} {v}" for k, v in phase["minima"].items()),
              "order of minima: " + " < ".join(" = ".join(names) + f" (epoch {epoch})" for epoch, names in phase["order"]),
              f"tau_bias (min {phase['bias_curve']}) = {phase['tau_bias']}, "

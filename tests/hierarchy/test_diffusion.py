@@ -15,6 +15,7 @@ from biasfast.apps.main import main
 from biasfast.hierarchy import FilteredHierarchicalModel
 from biasfast.hierarchy.denoiser import SequenceDenoiser
 from biasfast.hierarchy.diffusion import OneHotDiffusion, bp_estimate, network_estimate
+from biasfast.hierarchy.experiments import uturn_regrowth
 from biasfast.metrics.stats import histogram_kl
 from biasfast.hierarchy.measures import (argmin_epoch, loss_terms, nn_histogram, overlap,
                                          sequence_kl)
@@ -316,6 +317,22 @@ def test_phase_reads_minima_order_and_window():
     assert late["biased_window"] is None and not late["test_still_falling"]
     assert _phase(epochs, {"bias": [1.0, 2.0, 3.0, 4.0], "test": [4.0, 3.0, 2.0, 1.0]}, "bias", "test")[
         "test_still_falling"]
+
+
+def test_uturn_regrowth_is_read_after_the_gaps_minimum_at_every_start_time():
+    """An early offset (epoch 10), a dip (epoch 20), then regrowth that clears 2 SE at both start times only from
+    epoch 40 (at 30 the second start time's growth is within its error)."""
+    def curve(ratios, se):
+        return {"ratio": ratios, "se": [se] * len(ratios)}
+
+    epochs = [10, 20, 30, 40]
+    curves = {"train/t=1": curve([0.90, 0.80, 0.90, 0.95], 0.01), "test/t=1": curve([0.80, 0.78, 0.78, 0.78], 0.01),
+              "train/t=2": curve([0.70, 0.60, 0.62, 0.70], 0.01), "test/t=2": curve([0.60, 0.59, 0.59, 0.59], 0.01)}
+    gap = [sum(curves[f"train/t={t}"]["ratio"][i] - curves[f"test/t={t}"]["ratio"][i] for t in (1, 2)) / 2
+           for i in range(4)]
+    assert uturn_regrowth(curves, [1, 2], epochs, gap) == {"gap_minimum_epoch": 20, "regrowth_from": 40}
+    curves["train/t=2"]["se"] = [0.05] * 4  # the same growth within 2 SE: no regrowth read
+    assert uturn_regrowth(curves, [1, 2], epochs, gap) == {"gap_minimum_epoch": 20, "regrowth_from": None}
 
 
 # ---- the experiments through the CLI ----

@@ -42,7 +42,8 @@ def test_adding_an_experiment_runs_only_that_one(tmp_path, monkeypatch):
     monkeypatch.setitem(hierarchy_sweep.RUNNERS, "loss-decomposition", fake(
         "loss-decomposition", {"train_excess_negative_from": 4, "biased_window": None}))
     monkeypatch.setitem(hierarchy_sweep.RUNNERS, "uturn", fake(
-        "uturn", {"separated_from": 2, "largest_gap_epoch": 4, "train_minus_test_gap": [0.1, 0.3]}))
+        "uturn", {"separated_from": 2, "largest_gap_epoch": 4, "train_minus_test_gap": [0.1, 0.3],
+                  "gap_minimum_epoch": 2, "regrowth_from": 4}))
     config = ("tiny:q=3,depth=2,q_eff=2,n_train=4,batch_size=4,width=8,layers=1,epochs=4,checkpoints=2,"
               "first_checkpoint=2")
     first = hierarchy_sweep.run_config(config, str(tmp_path), ["loss-decomposition"], progress=False)
@@ -51,7 +52,9 @@ def test_adding_an_experiment_runs_only_that_one(tmp_path, monkeypatch):
     assert calls == ["loss-decomposition", "uturn"]  # the first experiment was read back, not rerun
     assert both["results"] == ["loss-decomposition", "uturn"]
     assert both["signs"]["loss-decomposition"]["excess_negative_from"] == 4
-    assert both["signs"]["uturn"] == {"separated_from": 2, "largest_gap_epoch": 4, "largest_gap": 0.3}
+    assert both["signs"]["uturn"] == {"separated_from": 2, "largest_gap_epoch": 4, "largest_gap": 0.3,
+                                      "gap_minimum_epoch": 2, "regrowth_from": 4}
+    assert hierarchy_sweep.table(str(tmp_path)).splitlines()[-1].endswith("| 2 | 4 |")
     assert both["eval_time"]["loss-decomposition"] == first["eval_time"]["loss-decomposition"]
     stored = json.loads((tmp_path / "tiny" / "summary.json").read_text())
     assert stored["results"] == both["results"]

@@ -104,17 +104,19 @@ TORCH_LIBRARY(biasfast, m) {
 
   // ---- sampling: the fused DDPM/DDIM/CFG step ----
   // One fused step x_t -> (x_{t'}, x̂0) with per-sample t, t_prev (-1 = final step) gathered from alphas_cumprod;
+  // the final step goes to ᾱ = final_alpha_cumprod (diffusers' DDIMScheduler: 1, or ᾱ_0 with set_alpha_to_one=False);
   // uncond_output with guidance_scale fuses CFG; x̂0 is empty unless return_x0. variance "fixed_small", or
   // "learned_range": model outputs are (B, 2C, ...), prediction then variance interpolation v (DDPM's σ from v).
   m.def(
       "sampler_step(Tensor x_t, Tensor model_output, Tensor? uncond_output, Tensor? noise, Tensor t, Tensor t_prev, "
       "Tensor alphas_cumprod, str method, str prediction, float eta, float? guidance_scale, float? clip_sample, "
-      "bool return_x0, str variance=\"fixed_small\") -> (Tensor, Tensor)");
+      "bool return_x0, str variance=\"fixed_small\", float final_alpha_cumprod=1.0) -> (Tensor, Tensor)");
   // The same step written into preallocated out (may be x_t itself: in place) and x0_out (empty: not written).
   m.def(
       "sampler_step.out(Tensor x_t, Tensor model_output, Tensor? uncond_output, Tensor? noise, Tensor t, "
       "Tensor t_prev, Tensor alphas_cumprod, str method, str prediction, float eta, float? guidance_scale, "
-      "float? clip_sample, Tensor(a!) out, Tensor(b!) x0_out, str variance=\"fixed_small\") -> ()");
+      "float? clip_sample, Tensor(a!) out, Tensor(b!) x0_out, str variance=\"fixed_small\", "
+      "float final_alpha_cumprod=1.0) -> ()");
 
   // ---- hierarchical model: exact belief propagation on the binary tree ----
   // Leaf posteriors (B, L, q) and log partition (B,) of a k-filtered tree model with uniform root: leaf

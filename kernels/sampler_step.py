@@ -33,7 +33,7 @@ def _load(ptr, offsets, mask, DOUBLE: tl.constexpr):
 
 @triton.jit
 def _sampler_step_kernel(x_ptr, cond_ptr, uncond_ptr, noise_ptr, out_ptr, x0_ptr, t_ptr, t_prev_ptr, t_stride,
-                         t_prev_stride, table_ptr, row, eta, scale, clip, DDIM: tl.constexpr,
+                         t_prev_stride, table_ptr, final_ptr, row, eta, scale, clip, DDIM: tl.constexpr,
                          PREDICTION: tl.constexpr, GUIDED: tl.constexpr, CLIP: tl.constexpr, NOISY: tl.constexpr,
                          WRITE_X0: tl.constexpr, DOUBLE: tl.constexpr, HALVES: tl.constexpr,
                          LEARNED: tl.constexpr, BLOCK: tl.constexpr):
@@ -41,7 +41,7 @@ def _sampler_step_kernel(x_ptr, cond_ptr, uncond_ptr, noise_ptr, out_ptr, x0_ptr
     now = tl.load(t_ptr + sample * t_stride)
     prev = tl.load(t_prev_ptr + sample * t_prev_stride)
     alpha = tl.load(table_ptr + now).to(tl.float64)
-    alpha_prev = tl.where(prev >= 0, tl.load(table_ptr + tl.maximum(prev, 0)).to(tl.float64), 1.0)
+    alpha_prev = tl.where(prev >= 0, tl.load(table_ptr + tl.maximum(prev, 0)), tl.load(final_ptr)).to(tl.float64)
     beta_bar = 1.0 - alpha
     beta_bar_prev = 1.0 - alpha_prev
     root_alpha = tl.sqrt(alpha)
@@ -110,8 +110,9 @@ def _check_options(method: str, prediction: str, eta: float, guidance_scale: flo
 
 
 def _launch(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
-            guidance_scale, clip_sample, out, x0_out, variance) -> None:
-    """Write x_{t'} into `out` (contiguous; may be x_t itself) and x̂0 into `x0_out` unless it is empty."""
+            guidance_scale, clip_sample, out, x0_out, variance, final_alpha_cumprod) -> None:
+    """Write x_{t'} into `out` (contiguous; may be x_t itself) and x̂0 into `x0_out` unless it is empty.
+    The final step's ᾱ travels as a float64 tensor: a Triton float argument would round it to float32."""
     _check_options(method, prediction, eta, guidance_scale, uncond_output, noise, variance)
     x = x_t.contiguous()
     if x.numel() == 0:
@@ -122,10 +123,11 @@ def _launch(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, 
     uncond = cond if uncond_output is None else uncond_output.contiguous()
     z = x if noise is None else noise.contiguous()
     write_x0 = x0_out.numel() > 0
+    final = torch.full((1,), final_alpha_cumprod, dtype=torch.float64, device=x.device)
     grid = (batch, triton.cdiv(row, BLOCK))
     _sampler_step_kernel[grid](
         x, cond, uncond, z, out, x0_out if write_x0 else out, t, t_prev, t.stride(0), t_prev.stride(0),
-        alphas_cumprod, row, float(eta), float(guidance_scale or 1.0), float(clip_sample or 0.0),
+        alphas_cumprod, final, row, float(eta), float(guidance_scale or 1.0), float(clip_sample or 0.0),
         DDIM=method == "ddim", PREDICTION=PREDICTION_CODES[prediction], GUIDED=uncond_output is not None,
         CLIP=clip_sample is not None, NOISY=noise is not None, WRITE_X0=write_x0,
         DOUBLE=x.dtype == torch.float64, HALVES=variance == "learned_range",
@@ -136,11 +138,12 @@ def sampler_step(x_t: torch.Tensor, model_output: torch.Tensor, uncond_output: t
                         noise: torch.Tensor | None, t: torch.Tensor, t_prev: torch.Tensor,
                         alphas_cumprod: torch.Tensor, method: str, prediction: str, eta: float,
                         guidance_scale: float | None, clip_sample: float | None,
-                        return_x0: bool, variance: str = "fixed_small") -> tuple[torch.Tensor, torch.Tensor]:
+                        return_x0: bool, variance: str = "fixed_small",
+                        final_alpha_cumprod: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty_like(x_t, memory_format=torch.contiguous_format)
     x0 = torch.empty_like(out) if return_x0 else x_t.new_empty((0,))
     _launch(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
-            guidance_scale, clip_sample, out, x0, variance)
+            guidance_scale, clip_sample, out, x0, variance, final_alpha_cumprod)
     return out, x0
 
 
@@ -148,7 +151,8 @@ def sampler_step_out(x_t: torch.Tensor, model_output: torch.Tensor, uncond_outpu
                             noise: torch.Tensor | None, t: torch.Tensor, t_prev: torch.Tensor,
                             alphas_cumprod: torch.Tensor, method: str, prediction: str, eta: float,
                             guidance_scale: float | None, clip_sample: float | None, out: torch.Tensor,
-                            x0_out: torch.Tensor, variance: str = "fixed_small") -> None:
+                            x0_out: torch.Tensor, variance: str = "fixed_small",
+                            final_alpha_cumprod: float = 1.0) -> None:
     _launch(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
-            guidance_scale, clip_sample, out, x0_out, variance)
+            guidance_scale, clip_sample, out, x0_out, variance, final_alpha_cumprod)
 

@@ -49,11 +49,15 @@ def step(
     does on request. Without it, DDIM pairs a clipped x̂0 with the unclipped (guided) ε̂, so x_{t'} leaves the
     line through x_t and x̂0; under strong guidance at high noise that saturates x̂0 to the corners of the
     clip box and fixes wrong colours early (measured in benchmarks/DEBIAS.md). Two fused passes: the first
-    yields the guided, clipped x̂0, the second steps with it as an x0-prediction."""
+    yields the guided, clipped x̂0, the second steps with it as an x0-prediction.
+
+    A DDIM step's final target (t_prev = −1) is the schedule's `final_alpha_cumprod` unless the options give one."""
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule: expected a biasfast.NoiseSchedule, got {type(schedule).__name__}")
     check_tensor(x_t, "x_t")
     table = schedule.table(x_t.device, torch.float64)
+    if options.get("method", "ddim") == "ddim":
+        options.setdefault("final_alpha_cumprod", schedule.final_alpha_cumprod)
     if not use_clipped_model_output:
         return sampler_step(x_t, model_output, t, t_prev, table, **options)
     if options.get("clip_sample") is None:
@@ -61,7 +65,10 @@ def step(
     out, return_x0 = options.pop("out", None), options.pop("return_x0", False)
     _, x0 = sampler_step(x_t, model_output, t, t_prev, table, return_x0=True, **options)
     return sampler_step(x_t, x0, t, t_prev, table, method=options.get("method", "ddim"), prediction="sample",
-                        eta=options.get("eta", 0.0), noise=options.get("noise"), return_x0=return_x0, out=out)
+                        eta=options.get("eta", 0.0), noise=options.get("noise"), return_x0=return_x0, out=out,
+                        final_alpha_cumprod=options.get("final_alpha_cumprod", 1.0))
+
+
 def keyed_normal(seed: int, indices: range, step_index: int, shape: tuple[int, ...], device: torch.device,
                  dtype: torch.dtype) -> torch.Tensor:
     """Standard normal noise for samples `indices` at `step_index`: row j is drawn from its own keyed generator
@@ -176,6 +183,8 @@ def sample_coupled(
     config = dict(method="ddim" if multistep else method, prediction=prediction, eta=eta,
                   guidance_scale=guidance_scale, clip_sample=clip_sample, variance=variance, return_x0=multistep,
                   use_clipped_model_output=use_clipped_model_output)
+    if multistep:  # DPM-Solver++ ends at σ = 0 (diffusers' final_sigmas_type="zero"), whatever set_alpha_to_one says
+        config["final_alpha_cumprod"] = 1.0
 
     outputs: list[list[torch.Tensor]] = [[] for _ in models]
     batches = range(0, n, batch_size)

@@ -65,6 +65,8 @@ class NoiseSchedule:
     `ddim_previous` is where a DDIM step from t goes: "next", the next timestep of the list, or "stride",
     t − T//steps as diffusers' DDIMScheduler does whatever its spacing (the two differ for linspace and
     trailing spacing when T/steps is not an integer); a DDIMScheduler gives "stride".
+    `set_alpha_to_one`: where DDIM's last step goes, ᾱ = 1 (x0) or, when False, ᾱ_0, as diffusers'
+    DDIMScheduler option of that name (Stable Diffusion's scheduler sets it False).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class NoiseSchedule:
         steps_offset: int = 0,
         clip_sample: float | None = None,
         ddim_previous: str = "next",
+        set_alpha_to_one: bool = True,
     ) -> None:
         rescaled = False  # the ᾱ table came rescaled to zero terminal SNR (a diffusers scheduler's may)
         if isinstance(schedule, str):
@@ -98,7 +101,7 @@ class NoiseSchedule:
             zero_terminal_snr = False  # never rescale twice
             prediction, spacing = settings["prediction"], settings["spacing"]
             steps_offset, clip_sample = settings["steps_offset"], settings["clip_sample"]
-            ddim_previous = settings["ddim_previous"]
+            ddim_previous, set_alpha_to_one = settings["ddim_previous"], settings["set_alpha_to_one"]
         else:
             raise TypeError(f"schedule: expected a name, an alphas_cumprod tensor or a diffusers scheduler, "
                             f"got {type(schedule).__name__}")
@@ -108,6 +111,8 @@ class NoiseSchedule:
             raise ValueError(f"spacing: unknown {spacing!r}; expected one of {SPACINGS}")
         if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
             raise ValueError(f"steps_offset: expected an int ≥ 0, got {steps_offset!r}")
+        if not isinstance(set_alpha_to_one, bool):
+            raise TypeError(f"set_alpha_to_one: expected a bool, got {type(set_alpha_to_one).__name__}")
         if ddim_previous not in DDIM_PREVIOUS:
             raise ValueError(f"ddim_previous: unknown {ddim_previous!r}; expected one of {DDIM_PREVIOUS}")
         if clip_sample is not None and not (isinstance(clip_sample, (int, float)) and clip_sample > 0):
@@ -119,13 +124,14 @@ class NoiseSchedule:
         self.prediction, self.spacing, self.steps_offset = prediction, spacing, steps_offset
         self.clip_sample = None if clip_sample is None else float(clip_sample)
         self.ddim_previous = ddim_previous
+        self.set_alpha_to_one = set_alpha_to_one
         self._device_tables: dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def from_diffusers(cls, scheduler: Any) -> "NoiseSchedule":
         """The schedule of a diffusers scheduler (DDPMScheduler, DDIMScheduler, ...): its ᾱ table as it is
         (float32, zero-terminal rescaling already applied when `rescale_betas_zero_snr`), and from its config
-        `prediction_type`, `timestep_spacing`, `steps_offset` and the `clip_sample` range."""
+        `prediction_type`, `timestep_spacing`, `steps_offset`, `set_alpha_to_one` and the `clip_sample` range."""
         if not _is_diffusers_scheduler(scheduler):
             raise TypeError(f"scheduler: expected a diffusers scheduler (with alphas_cumprod and config), "
                             f"got {type(scheduler).__name__}")
@@ -145,6 +151,11 @@ class NoiseSchedule:
     @property
     def num_timesteps(self) -> int:
         return self.alphas_cumprod.numel()
+
+    @property
+    def final_alpha_cumprod(self) -> float:
+        """ᾱ where DDIM's last step (t_prev = −1) lands: 1, or ᾱ_0 without `set_alpha_to_one`."""
+        return 1.0 if self.set_alpha_to_one else float(self.alphas_cumprod[0])
 
     @property
     def betas(self) -> torch.Tensor:
@@ -205,7 +216,7 @@ class NoiseSchedule:
         return (f"NoiseSchedule({self.name!r}, num_timesteps={self.num_timesteps}, "
                 f"zero_terminal_snr={self.zero_terminal_snr}, prediction={self.prediction!r}, "
                 f"spacing={self.spacing!r}, steps_offset={self.steps_offset}, clip_sample={self.clip_sample}, "
-                f"ddim_previous={self.ddim_previous!r})")
+                f"ddim_previous={self.ddim_previous!r}, set_alpha_to_one={self.set_alpha_to_one})")
 
 
 def _is_diffusers_scheduler(value: Any) -> bool:
@@ -226,4 +237,5 @@ def _diffusers_settings(scheduler: Any) -> dict[str, Any]:
         "clip_sample": float(get("clip_sample_range", 1.0)) if clip else None,
         "zero_terminal_snr": bool(get("rescale_betas_zero_snr", False)),
         "ddim_previous": "stride" if type(scheduler).__name__ in STRIDE_SCHEDULERS else "next",
+        "set_alpha_to_one": bool(get("set_alpha_to_one", True)),
     }

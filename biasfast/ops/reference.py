@@ -141,9 +141,10 @@ def sampler_step(
     clip_sample: float | None = None,
     variance: str = "fixed_small",
     use_clipped_model_output: bool = False,
+    final_alpha_cumprod: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDPM (fixed_small or learned_range) or DDIM step as diffusers' `DDPMScheduler.step` /
-    `DDIMScheduler.step` write it, with per-sample t, t_prev (B,) (t_prev = -1: ᾱ_prev = 1) and CFG
+    `DDIMScheduler.step` write it, with per-sample t, t_prev (B,) (t_prev = -1: ᾱ_prev = final_alpha_cumprod) and CFG
     ε = ε_u + s·(ε_c − ε_u). learned_range: model outputs (B, 2C, ...) split into the prediction and v, and
     log σ² = frac·log β_t + (1 − frac)·log β̃_t, frac = (v + 1)/2 (diffusers' `_get_variance`). `use_clipped_model_output`: ε re-derived from the clipped
     x̂0, diffusers' DDIM option of that name. Returns (x_prev, x̂0)."""
@@ -158,7 +159,8 @@ def sampler_step(
     view = (-1,) + (1,) * (x_t.dim() - 1)
     table = alphas_cumprod.to(x_t.device, x_t.dtype)
     alpha = table[t].view(view)
-    alpha_prev = torch.where(t_prev >= 0, table[t_prev.clamp(min=0)], torch.ones_like(table[t_prev])).view(view)
+    alpha_prev = torch.where(t_prev >= 0, table[t_prev.clamp(min=0)],
+                             torch.full_like(table[t_prev], final_alpha_cumprod)).view(view)
     beta, beta_prev = 1 - alpha, 1 - alpha_prev
     if guidance_scale is not None:
         model_output = uncond_output + guidance_scale * (model_output - uncond_output)

@@ -32,6 +32,7 @@ def sampler_step(
     noise: torch.Tensor | None = None,
     clip_sample: float | None = None,
     variance: str = "fixed_small",
+    final_alpha_cumprod: float = 1.0,
     return_x0: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +40,7 @@ def sampler_step(
     `DDIMScheduler.step`.
 
     t, t_prev: ints or integer tensors of shape () or (B,) (per-sample timesteps); t_prev = -1 is the final
-    step (ᾱ_prev = 1). method "ddpm" (ancestral) or "ddim" (with `eta` in [0, 1]); prediction "epsilon",
+    step, to ᾱ_prev = `final_alpha_cumprod` (diffusers' DDIMScheduler: 1, or ᾱ_0 with `set_alpha_to_one=False`). method "ddpm" (ancestral) or "ddim" (with `eta` in [0, 1]); prediction "epsilon",
     "sample" or "v_prediction". Guidance: `model_output` is the conditional output and the model output used is
     uncond + guidance_scale·(cond − uncond) (diffusers' convention; Ho & Salimans' (1 + w)·ε_c − w·ε_u is
     guidance_scale = 1 + w). `noise` (like x_t) is required for "ddpm" and for eta > 0. `clip_sample` clamps
@@ -56,6 +57,9 @@ def sampler_step(
     _check_arguments(x_t, model_output, uncond_output, noise, method, prediction, eta, guidance_scale, clip_sample,
                      variance)
     check_tensor(alphas_cumprod, "alphas_cumprod")
+    if isinstance(final_alpha_cumprod, bool) or not isinstance(final_alpha_cumprod, (int, float)) or not (
+            0.0 < final_alpha_cumprod <= 1.0):
+        raise ValueError(f"final_alpha_cumprod: expected a number in (0, 1], got {final_alpha_cumprod!r}")
     if alphas_cumprod.dtype != torch.float64 or alphas_cumprod.dim() != 1 or alphas_cumprod.device != x_t.device:
         raise ValueError(f"alphas_cumprod: expected a 1-D float64 table on {x_t.device}, got {alphas_cumprod.dtype} "
                          f"of shape {tuple(alphas_cumprod.shape)} on {alphas_cumprod.device}")
@@ -70,12 +74,12 @@ def sampler_step(
             _optional_float(guidance_scale), _optional_float(clip_sample))
     if out is None:
         dispatch.require_kernel("sampler_step", x_t, "x_t")
-        x_prev, x0 = operator(*args, return_x0, variance)
+        x_prev, x0 = operator(*args, return_x0, variance, float(final_alpha_cumprod))
     else:
         dispatch.require_kernel("sampler_step.out", x_t, "x_t")
         _check_out(out, x_t)
         x_prev, x0 = out, (torch.empty_like(out) if return_x0 else out.new_empty((0,)))
-        operator.out(*args, x_prev, x0, variance)
+        operator.out(*args, x_prev, x0, variance, float(final_alpha_cumprod))
     return (x_prev, x0) if return_x0 else x_prev
 
 
@@ -172,7 +176,7 @@ def _check_order(t: torch.Tensor, t_prev: torch.Tensor, steps: int) -> None:
 
 
 def _fake(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
-          guidance_scale, clip_sample, return_x0, variance="fixed_small"):
+          guidance_scale, clip_sample, return_x0, variance="fixed_small", final_alpha_cumprod=1.0):
     torch._check(tuple(model_output.shape) == model_output_shape(x_t, variance),
                  lambda: "sampler_step: model_output must have x_t's shape (2C channels for learned_range)")
     x_prev = torch.empty_like(x_t, memory_format=torch.contiguous_format)
@@ -181,7 +185,7 @@ def _fake(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, me
 
 
 def _out_fake(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
-              guidance_scale, clip_sample, out, x0_out, variance="fixed_small"):
+              guidance_scale, clip_sample, out, x0_out, variance="fixed_small", final_alpha_cumprod=1.0):
     torch._check(out.shape == x_t.shape, lambda: "sampler_step.out: out must have x_t's shape")
 
 

@@ -219,7 +219,7 @@ void check_like(const std::optional<at::Tensor>& t, const at::Tensor& x, const c
 std::vector<SamplerCoefficients> per_sample_coefficients(const at::Tensor& t, const at::Tensor& t_prev,
                                                          const at::Tensor& alphas_cumprod, Method method,
                                                          Prediction prediction, double eta, Variance variance,
-                                                         int64_t batch) {
+                                                         double final_alpha, int64_t batch) {
   BIASFAST_CHECK_ARG(t.dim() == 1 && t.size(0) == batch, "t", "expected shape (", batch, "), got ", t.sizes());
   BIASFAST_CHECK_ARG(t_prev.dim() == 1 && t_prev.size(0) == batch, "t_prev", "expected shape (", batch, "), got ",
                      t_prev.sizes());
@@ -236,8 +236,10 @@ std::vector<SamplerCoefficients> per_sample_coefficients(const at::Tensor& t, co
     BIASFAST_CHECK_ARG(0 <= now && now < steps, "t", "value ", now, " at index ", b, " is outside [0, ", steps, ")");
     BIASFAST_CHECK_ARG(-1 <= prev && prev < now, "t_prev", "value ", prev, " at index ", b,
                        " must satisfy -1 <= t_prev < t = ", now);
-    out[b] = sampler_coefficients(alpha[now], prev >= 0 ? alpha[prev] : 1.0, now > 0, method, prediction, eta,
-                                  variance);
+    const double target = prev >= 0 ? alpha[prev] : final_alpha;
+    BIASFAST_CHECK_ARG(prev >= 0 || final_alpha >= alpha[now], "final_alpha_cumprod", "value ", final_alpha,
+                       " is below alphas_cumprod[t = ", now, "] = ", alpha[now], " (the final step must denoise)");
+    out[b] = sampler_coefficients(alpha[now], target, now > 0, method, prediction, eta, variance);
   }
   return out;
 }
@@ -249,7 +251,7 @@ void sampler_step_into(const at::Tensor& x_t, const at::Tensor& model_output,
                        const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
                        std::string_view method, std::string_view prediction, double eta,
                        std::optional<double> guidance_scale, std::optional<double> clip_sample, at::Tensor& out,
-                       at::Tensor& x0, std::string_view variance) {
+                       at::Tensor& x0, std::string_view variance, double final_alpha_cumprod) {
   BIASFAST_CHECK_ARG(at::isFloatingType(x_t.scalar_type()), "x_t", "expected a floating dtype, got ",
                      x_t.scalar_type());
   BIASFAST_CHECK_ARG(x_t.dim() >= 1, "x_t", "expected a batch dimension");
@@ -282,9 +284,12 @@ void sampler_step_into(const at::Tensor& x_t, const at::Tensor& model_output,
                      "required when method is 'ddpm' or eta > 0");
   BIASFAST_CHECK_ARG(!clip_sample.has_value() || *clip_sample > 0, "clip_sample", "expected a positive bound, got ",
                      clip_sample.value_or(0));
+  BIASFAST_CHECK_ARG(0.0 < final_alpha_cumprod && final_alpha_cumprod <= 1.0, "final_alpha_cumprod",
+                     "expected a value in (0, 1], got ", final_alpha_cumprod);
 
   const int64_t batch = x_t.size(0);
-  const auto coefficients = per_sample_coefficients(t, t_prev, alphas_cumprod, m, p, eta, v, batch);
+  const auto coefficients =
+      per_sample_coefficients(t, t_prev, alphas_cumprod, m, p, eta, v, final_alpha_cumprod, batch);
   if (x_t.numel() == 0) return;
   const at::Tensor x = x_t.contiguous(), cond = model_output.contiguous();
   const at::Tensor uncond = uncond_output.has_value() ? uncond_output->contiguous() : at::Tensor();
@@ -320,12 +325,12 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x_t, const
                                                     std::string_view method, std::string_view prediction, double eta,
                                                     std::optional<double> guidance_scale,
                                                     std::optional<double> clip_sample, bool return_x0,
-                                                    std::string_view variance) {
+                                                    std::string_view variance, double final_alpha_cumprod) {
   select_cpu_isa("sampler_step");
   at::Tensor out = empty_output(x_t);
   at::Tensor x0 = return_x0 ? empty_output(x_t) : at::empty({0}, x_t.options());
   sampler_step_into(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
-                    guidance_scale, clip_sample, out, x0, variance);
+                    guidance_scale, clip_sample, out, x0, variance, final_alpha_cumprod);
   return {out, x0};
 }
 
@@ -334,10 +339,10 @@ void sampler_step_out_cpu(const at::Tensor& x_t, const at::Tensor& model_output,
                           const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& alphas_cumprod,
                           std::string_view method, std::string_view prediction, double eta,
                           std::optional<double> guidance_scale, std::optional<double> clip_sample, at::Tensor out,
-                          at::Tensor x0_out, std::string_view variance) {
+                          at::Tensor x0_out, std::string_view variance, double final_alpha_cumprod) {
   select_cpu_isa("sampler_step.out");
   sampler_step_into(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
-                    guidance_scale, clip_sample, out, x0_out, variance);
+                    guidance_scale, clip_sample, out, x0_out, variance, final_alpha_cumprod);
 }
 
 }  // namespace

@@ -48,6 +48,7 @@ def test_schedule_reads_the_scheduler_config():
         torch.testing.assert_close(schedule.alphas_cumprod, scheduler.alphas_cumprod.double(), rtol=0, atol=0)
         assert (schedule.prediction, schedule.spacing, schedule.steps_offset) == ("v_prediction", "trailing", 1)
         assert schedule.zero_terminal_snr and schedule.snr[-1] == 0 and schedule.clip_sample == 2.0
+        assert schedule.set_alpha_to_one and schedule.final_alpha_cumprod == 1.0
     plain = NoiseSchedule(DDPMScheduler(clip_sample=False))
     assert plain.clip_sample is None and not plain.zero_terminal_snr and plain.prediction == "epsilon"
     torch.testing.assert_close(plain.alphas_cumprod, NoiseSchedule("linear").alphas_cumprod, rtol=1e-6, atol=0)
@@ -70,6 +71,8 @@ def test_schedule_errors():
         NoiseSchedule(3.0)
     with pytest.raises(ValueError, match="ddim_previous: unknown 'previous'"):
         NoiseSchedule("linear", ddim_previous="previous")
+    with pytest.raises(TypeError, match="set_alpha_to_one: expected a bool, got int"):
+        NoiseSchedule("linear", set_alpha_to_one=0)
     with pytest.raises(ValueError, match="prediction: unknown 'flow'"):
         NoiseSchedule("linear", prediction="flow")
     with pytest.raises(ValueError, match="steps: 1000 leading steps with steps_offset 1 reach timestep 1000"):
@@ -85,21 +88,43 @@ def _diffusers_ddim(unet, scheduler, x_T, steps, eta, noises):
     return x
 
 
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-@pytest.mark.parametrize("config", [dict(), dict(timestep_spacing="trailing", prediction_type="v_prediction"),
-                                    dict(steps_offset=1, clip_sample=False)])
-def test_ddim_loop_equals_diffusers(eta, config, one_thread):
-    unet, scheduler, n, steps, seed = tiny_unet(), DDIMScheduler(**config), 3, 25, 11
+def _ddim_both_ways(unet, scheduler, n, steps, eta, seed):
+    """diffusers' DDIM loop and biasfast's on the schedule read from the scheduler, from the same keyed x_T and
+    noise: (biasfast's, diffusers', x_T, the float32 bound between them, the sampling options)."""
     schedule = NoiseSchedule(scheduler)
     x_T = keyed_normal(seed, range(n), 0, SHAPE, torch.device("cpu"), torch.float32)
     noises = [keyed_normal(seed, range(n), k + 1, SHAPE, torch.device("cpu"), torch.float32) for k in range(steps)]
     with torch.no_grad():
         expected = _diffusers_ddim(unet, scheduler, x_T, steps, eta, noises)
-    ours = biasfast.sample(unet, (n, *SHAPE), schedule, steps=steps, method="ddim", eta=eta, seed=seed,
-                           progress=False)
+    options = dict(steps=steps, method="ddim", eta=eta, seed=seed, progress=False)
+    ours = biasfast.sample(unet, (n, *SHAPE), schedule, **options)
     # float32 on both sides (diffusers' coefficients too); the fused step orders its arithmetic differently
-    bound = float32_bound(schedule, steps, float(expected.abs().max()))
+    return ours, expected, x_T, float32_bound(schedule, steps, float(expected.abs().max())), options
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("config", [dict(), dict(timestep_spacing="trailing", prediction_type="v_prediction"),
+                                    dict(steps_offset=1, clip_sample=False)])
+def test_ddim_loop_equals_diffusers(eta, config, one_thread):
+    ours, expected, x_T, bound, _ = _ddim_both_ways(tiny_unet(), DDIMScheduler(**config), 3, 25, eta, 11)
     assert (ours - expected).abs().max() <= bound < (expected - x_T).abs().max()
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("spacing,offset", [("leading", 0), ("leading", 1), ("trailing", 0), ("linspace", 0)])
+def test_ddim_without_alpha_one_ends_where_diffusers_does(spacing, offset, eta, one_thread):
+    """DDIMScheduler(set_alpha_to_one=False) (Stable Diffusion's) makes its last step land on ᾱ_0, not on x̂0 (its
+    `final_alpha_cumprod`); a schedule read from it does the same, and differs from the ᾱ = 1 ending by far more
+    than float32 rounding (0.011 on these samples before biasfast read the option)."""
+    unet = tiny_unet(3)
+    scheduler = DDIMScheduler(timestep_spacing=spacing, steps_offset=offset, set_alpha_to_one=False)
+    schedule = NoiseSchedule(scheduler)
+    assert not schedule.set_alpha_to_one and schedule.final_alpha_cumprod == float(scheduler.alphas_cumprod[0])
+    ours, expected, _, bound, options = _ddim_both_ways(unet, scheduler, 3, 10, eta, 5)
+    assert (ours - expected).abs().max() <= bound
+    settings = dict(spacing=spacing, steps_offset=offset, clip_sample=schedule.clip_sample, ddim_previous="stride")
+    to_one = biasfast.sample(unet, (3, *SHAPE), NoiseSchedule(scheduler.alphas_cumprod, **settings), **options)
+    assert (to_one - expected).abs().max() > 10 * bound
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
@@ -109,16 +134,10 @@ def test_ddim_steps_like_the_scheduler_whatever_its_spacing(spacing, steps, eta,
     next timestep of its list: with linspace or trailing spacing the two differ unless T/steps is an integer
     (25 linspace steps: 999 → 959 while the list's next is 957; 7 trailing: 999 → 857, list 856). A schedule
     built from a DDIMScheduler follows that rule for DDIM; one built otherwise steps along the list."""
-    unet, scheduler, n, seed = tiny_unet(2), DDIMScheduler(timestep_spacing=spacing), 2, 4
+    unet, scheduler, n = tiny_unet(2), DDIMScheduler(timestep_spacing=spacing), 2
     schedule = NoiseSchedule(scheduler)
     assert schedule.ddim_previous == "stride"
-    x_T = keyed_normal(seed, range(n), 0, SHAPE, torch.device("cpu"), torch.float32)
-    noises = [keyed_normal(seed, range(n), k + 1, SHAPE, torch.device("cpu"), torch.float32) for k in range(steps)]
-    with torch.no_grad():
-        expected = _diffusers_ddim(unet, scheduler, x_T, steps, eta, noises)
-    kwargs = dict(steps=steps, method="ddim", eta=eta, seed=seed, progress=False)
-    ours = biasfast.sample(unet, (n, *SHAPE), schedule, **kwargs)
-    bound = float32_bound(schedule, steps, float(expected.abs().max()))
+    ours, expected, x_T, bound, kwargs = _ddim_both_ways(unet, scheduler, n, steps, eta, 4)
     assert (ours - expected).abs().max() <= bound < (expected - x_T).abs().max()
     along = NoiseSchedule(scheduler.alphas_cumprod, spacing=spacing, clip_sample=schedule.clip_sample)  # a table
     assert along.ddim_previous == "next"

@@ -146,6 +146,29 @@ def test_final_step_returns_x0_for_ddim():
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("method,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
+def test_final_alpha_cumprod_moves_only_the_final_steps(implementation, method, eta):
+    """diffusers' DDIMScheduler(set_alpha_to_one=False) ends at ᾱ_0, not 1: the final rows (t_prev = −1) go there,
+    every other row is bit for bit the default step."""
+    x, cond, uncond, noise, t, t_prev = _inputs(seed=3)
+    t_prev[1] = -1
+    t[1] = 0  # a final step from t = 0 to ᾱ_0 itself: DDIM's σ is 0 there
+    final = float(SCHEDULE.alphas_cumprod[0])
+    args = (x, cond, uncond, noise, t, t_prev, SCHEDULE.table("cpu", torch.float64), method, "epsilon", eta, 2.0, 1.0)
+    moved, moved_x0 = _op(implementation)(*args, True, "fixed_small", final)
+    plain, _ = _op(implementation)(*args, True)
+    d = lambda v: v.double()  # noqa: E731
+    expected, expected_x0 = reference.sampler_step(
+        d(x), d(cond), t, t_prev, SCHEDULE.alphas_cumprod, method=method, eta=eta, guidance_scale=2.0,
+        uncond_output=d(uncond), noise=d(noise), clip_sample=1.0, final_alpha_cumprod=final)
+    _assert_relative(moved, expected, 1e-6)
+    _assert_relative(moved_x0, expected_x0, 1e-6)
+    final_rows = t_prev == -1
+    assert torch.equal(moved[~final_rows], plain[~final_rows])
+    assert (moved[final_rows] - plain[final_rows]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_out_variant_in_place_equals_functional(implementation):
     x, cond, uncond, noise, t, t_prev = _inputs()
     table = SCHEDULE.table("cpu", torch.float64)
@@ -427,8 +450,10 @@ def test_opcheck(device, method, prediction, scale):
     args = (x, cond, uncond, noise, t, t_prev, SCHEDULE.table(device, torch.float64), method, prediction, 0.0, scale,
             1.0)
     torch.library.opcheck(torch.ops.biasfast.sampler_step.default, (*args, True))
+    torch.library.opcheck(torch.ops.biasfast.sampler_step.default, (*args, True, "fixed_small", 0.9999))
     out, x0 = torch.empty_like(x), torch.empty_like(x)
     torch.library.opcheck(torch.ops.biasfast.sampler_step.out, (*args, out, x0))
+    torch.library.opcheck(torch.ops.biasfast.sampler_step.out, (*args, out, x0, "fixed_small", 0.9999))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -532,6 +557,9 @@ def _bad(**overrides):
         (dict(noise=torch.ones(SHAPE, dtype=torch.float64), eta=1.0), TypeError, "noise: dtype"),
         (dict(clip_sample=0.0), ValueError, "clip_sample: expected a positive"),
         (dict(variance="learned"), ValueError, "variance: unknown 'learned'"),
+        (dict(final_alpha_cumprod=0.0), ValueError, r"final_alpha_cumprod: expected a number in \(0, 1\]"),
+        (dict(final_alpha_cumprod=float("nan")), ValueError, "final_alpha_cumprod: expected a number"),
+        (dict(final_alpha_cumprod=True), ValueError, "final_alpha_cumprod: expected a number"),
         (dict(variance="learned_range"), ValueError, r"model_output: shape \(6, 3, 7, 9\) does not match "
                                                      r"\(6, 6, 7, 9\), x_t's with 2C channels"),
         (dict(x_t=torch.ones(6), model_output=torch.ones(6), t=5, t_prev=1, variance="learned_range"), ValueError,
@@ -552,6 +580,12 @@ def test_ops_reject_bad_input_too():
     table = SCHEDULE.table("cpu", torch.float64)
     with pytest.raises(ValueError, match="t_prev"):
         torch.ops.biasfast.sampler_step(x, cond, None, None, t, t, table, "ddim", "epsilon", 0.0, None, None, False)
+    with pytest.raises(ValueError, match="'final_alpha_cumprod': value 1e-05 is below alphas_cumprod"):
+        torch.ops.biasfast.sampler_step(x, cond, None, None, t, t_prev, table, "ddim", "epsilon", 0.0, None, None,
+                                        False, "fixed_small", 1e-5)
+    with pytest.raises(ValueError, match="'final_alpha_cumprod': expected a value in \\(0, 1\\]"):
+        torch.ops.biasfast.sampler_step(x, cond, None, None, t, t_prev, table, "ddim", "epsilon", 0.0, None, None,
+                                        False, "fixed_small", 1.5)
     with pytest.raises(ValueError, match="method"):
         torch.ops.biasfast.sampler_step(x, cond, None, noise, t, t_prev, table, "plms", "epsilon", 0.0, None, None,
                                         False)

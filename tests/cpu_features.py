@@ -14,3 +14,4 @@ def cpu_has_avx2() -> bool:
 
 
 needs_avx2 = pytest.mark.skipif(not cpu_has_avx2(), reason="this CPU has no AVX2+FMA+F16C")
+CPU_VARIANTS = ["generic", "avx2"] if cpu_has_avx2() else ["generic"]  # the BIASFAST_CPU_ISA values this CPU runs

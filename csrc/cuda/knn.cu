@@ -1,7 +1,7 @@
 // Exact k-nearest neighbours on the GPU: the tiled kernel of knn_common.cuh with squared distances by direct
 // differences (no norm expansion, so near-duplicates keep their precision) and an in-kernel running top-k.
-// float16/bfloat16 inputs accumulate in float32. cosine/pearson rows are normalised first (float32/float64), then
-// searched as L2.
+// float16/bfloat16 inputs accumulate in float32. cosine/pearson rows are normalised first (in float64, then
+// rounded), then searched as L2.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,10 +27,12 @@ struct SquaredDifference {
   }
 };
 
+// (x − mean) / ‖x − mean‖ formed in float64, then rounded once to the search's precision, as the CPU op does: in
+// float32 the squares of rows near 1e20 overflow and the norms of near-constant rows cancel.
 at::Tensor unit_rows(const at::Tensor& x, bool center, at::ScalarType dtype) {
-  at::Tensor rows = x.to(dtype);
+  at::Tensor rows = x.to(at::kDouble);
   if (center) rows = rows - rows.mean(1, true);
-  return rows / rows.norm(2, 1, true);
+  return (rows / rows.norm(2, 1, true)).to(dtype);
 }
 
 // The first row of x (n, d) where `bad` (n,) holds, or −1: one reduction on the device and one scalar read back.

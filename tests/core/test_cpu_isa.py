@@ -16,7 +16,7 @@ from biasfast.ops import reference
 from tests.ops import test_hybrid_loss as hybrid_tests
 from tests.ops import test_sampler_step as sampler_tests
 from tests.ops import test_tree_bp as tree_bp_tests
-from tests.cpu_features import cpu_has_avx2, needs_avx2
+from tests.cpu_features import CPU_VARIANTS, cpu_has_avx2, needs_avx2
 from tests.ops.test_knn import assert_exact_knn
 from tests.tolerances import assert_close_to_reference
 
@@ -159,7 +159,7 @@ def _run_variant(isa: str, tmp_path) -> dict:
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("cpu_isa")
-    isas = ["generic", "avx2"] if cpu_has_avx2() else ["generic"]
+    isas = CPU_VARIANTS
     return {isa: _run_variant(isa, tmp_path) for isa in isas}
 
 
@@ -182,7 +182,7 @@ def test_the_variable_is_read_at_each_call(monkeypatch):
     # One process, two calls: each runs the variant the variable names at its call, and info() says so.
     pred, target = torch.randn(7, 301), torch.randn(7, 301)
     t, weights = torch.randint(0, 10, (7,)), torch.rand(10, dtype=torch.float64)
-    isas = ["generic", "avx2"] if cpu_has_avx2() else ["generic"]
+    isas = CPU_VARIANTS
     for isa in isas:
         monkeypatch.setenv("BIASFAST_CPU_ISA", isa)
         torch.ops.biasfast.snr_loss(pred, target, t, weights, "mean", True)

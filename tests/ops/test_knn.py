@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 import biasfast
 from biasfast._core import extension
 from biasfast.ops import reference
+from tests.cpu_features import CPU_VARIANTS, cpu_has_avx2
 
 FLOAT_METRICS = ["l2", "sqeuclidean", "cosine", "pearson"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -320,14 +321,33 @@ def test_bad_input_names_the_argument(kwargs, error, match):
         biasfast.knn(**args)
 
 
-@pytest.mark.skipif(extension.cpu_isa() != "avx2", reason="the packed path, whose tiles need the workspace, is AVX2-only")
-def test_workspace_too_small_for_the_feature_size():
-    # The packed path keeps a 16-row tile per thread plus its partial sums inside workspace_mb, or says why not.
-    # (The generic variant's GEMM path needs no such tile and answers at workspace_mb=1.)
-    with pytest.raises(ValueError, match=r"workspace_mb.*too small for feature size 9000"):
-        biasfast.knn(torch.randn(4, 9000), torch.randn(40, 9000), workspace_mb=1)
+@pytest.mark.parametrize("isa", CPU_VARIANTS)
+def test_workspace_too_small_for_the_feature_size(isa, monkeypatch):
+    # Every path keeps its tiles inside workspace_mb or says why not: AVX2's packed kernel a 16-row tile per thread
+    # plus its partial sums, the portable BLAS path 16 references with their inner products.
+    monkeypatch.setenv("BIASFAST_CPU_ISA", isa)
+    with pytest.raises(ValueError, match=r"workspace_mb.*too small for feature size 40000"):
+        biasfast.knn(torch.randn(4, 40000), torch.randn(40, 40000), workspace_mb=1)
+    assert extension.cpu_variants_ran()["knn"] == isa
     query, ref = torch.randn(4, 9000), torch.randn(40, 9000)
     dist, index = biasfast.knn(query, ref, k=3, workspace_mb=4)
+    assert_exact_knn(dist, index, query, ref, 3, "l2")
+
+
+@pytest.mark.skipif(not cpu_has_avx2(), reason="the fused kernel is AVX2-only")
+def test_workspace_bounds_the_fused_tiles_of_many_lanes(monkeypatch):
+    # 64 lanes (a 64-core machine) of 256 KB L2 tiles would take 16 MB: at 1 MB not even 16 rows per lane fit (an
+    # error), at 8 MB the tiles shrink to fit and the answer stays exact.
+    monkeypatch.setenv("BIASFAST_CPU_ISA", "avx2")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(64)
+    try:
+        query, ref = torch.randn(7, 256), torch.randn(2000, 256)
+        with pytest.raises(ValueError, match=r"workspace_mb.*too small for feature size 256 .* 64 lanes"):
+            biasfast.knn(query, ref, k=3, workspace_mb=1)
+        dist, index = biasfast.knn(query, ref, k=3, workspace_mb=8)
+    finally:
+        torch.set_num_threads(threads)
     assert_exact_knn(dist, index, query, ref, 3, "l2")
 
 
@@ -433,6 +453,18 @@ def test_cuda_ties_go_to_the_lower_index(metric):
         ref[row, i], ref[row, 8 + (3 * i) % 8] = -1, 1
     _, index = biasfast.knn(base.repeat(3, 1).cuda(), ref.cuda(), k=5, metric=metric)
     assert index.cpu().tolist() == [sorted(tied_at)[:5]] * 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["cosine", "pearson"])
+def test_cuda_normalises_rows_in_float64_like_the_cpu(metric):
+    # Rows near 1e20 square past float32's range (1e40): normalised in float32 the CUDA kernel would divide by an
+    # infinite norm and see zero rows; normalised in float64 and rounded once it answers as the CPU op does.
+    g = torch.Generator().manual_seed(4)
+    query, ref = 1e20 * torch.randn(19, 33, generator=g), 1e20 * torch.randn(257, 33, generator=g)
+    dist, index = biasfast.knn(query.cuda(), ref.cuda(), k=4, metric=metric)
+    assert torch.isfinite(dist).all()
+    assert_exact_knn(dist.cpu(), index.cpu(), query, ref, 4, metric)
 
 
 @pytest.mark.gpu

@@ -32,8 +32,17 @@ inline int64_t lane_count(int64_t blocks, int64_t tile, int64_t nr) {
 }
 
 // References per tile of the fused kernel: a tile of packed d-feature rows stays in L2 (256 KB).
-inline int64_t fused_tile(int64_t d) {
+inline int64_t fused_l2_tile(int64_t d) {
   return std::clamp<int64_t>((256 * 1024 / (d * 4)) / kPanel * kPanel, kPanel, 4096);
+}
+
+// The L2 tile, shrunk until every lane's tile of d + 1 floats per row (rows and norms) fits the workspace: on a
+// many-core machine the lanes' L2 tiles alone can outgrow it (64 lanes × 256 KB = 16 MB).
+inline int64_t fused_tile(int64_t lanes, int64_t d, int64_t workspace_bytes) {
+  const int64_t fit = workspace_bytes / (4 * lanes * (d + 1)) / kPanel * kPanel;
+  BIASFAST_CHECK_ARG(fit >= kPanel, "workspace_mb", "too small for feature size ", d, " (", workspace_bytes >> 20,
+                     " MB holds fewer than ", kPanel, " packed references for each of ", lanes, " lanes)");
+  return std::min(fused_l2_tile(d), fit);
 }
 
 // Tiles of at most `tile` references cut into equal ones, their count a multiple of the lanes: the rows of each.
@@ -74,8 +83,8 @@ inline TilePlan plan_tiles(int64_t nq, int64_t nr, int64_t d, int64_t elem_size,
   while (need(qt, rt) > budget && (qt > 16 || rt > 16)) {
     if (rt >= qt && rt > 16) rt = (rt + 1) / 2; else qt = (qt + 1) / 2;
   }
-  TORCH_CHECK_VALUE(need(qt, rt) <= budget || (qt <= 16 && rt <= 16), "biasfast: argument 'workspace_mb': ",
-                    "too small for feature size ", d);
+  BIASFAST_CHECK_ARG(need(qt, rt) <= budget, "workspace_mb", "too small for feature size ", d, " (",
+                     budget_bytes >> 20, " MB holds fewer than 16 references with their inner products)");
   return {qt, rt, need(qt, rt)};
 }
 

@@ -29,8 +29,8 @@ template <typename ref_t>
 double scan_fused(const Problem& problem, const PreparedQueries<float>& queries, ReferencePacker<float, ref_t>& packer,
                   Candidates<float>& candidates) {
   const int64_t nq = problem.nq, d = problem.d;
-  const int64_t tile = fused_tile(d);
-  const int64_t blocks = (nq + kRows - 1) / kRows, lanes = lane_count(blocks, tile, problem.nr);
+  const int64_t blocks = (nq + kRows - 1) / kRows, lanes = lane_count(blocks, fused_l2_tile(d), problem.nr);
+  const int64_t tile = fused_tile(lanes, d, problem.workspace_bytes);
   LaneHeaps heaps(candidates, lanes, nq);
   return scan_in_lanes(problem, packer, heaps, lanes, tile, d, [&](int64_t lane, int64_t j0, int64_t padded,
                                                                    const float* panels, const float* panel_norms) {

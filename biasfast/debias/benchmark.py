@@ -156,9 +156,9 @@ def _run_cell(
     return out
 
 
-def _run_cell_in_worker(*args) -> dict[str, dict[str, float]]:
+def _run_in_worker(run_cell, *args) -> dict[str, dict[str, float]]:
     torch.set_num_threads(1)
-    return _run_cell(*args, functools.partial(print, flush=True))
+    return run_cell(*args, functools.partial(print, flush=True))
 
 
 def run_benchmark(
@@ -169,19 +169,58 @@ def run_benchmark(
 
     `jobs` > 1 runs the (ratio, seed) cells in that many single-threaded worker processes (the models are tiny,
     so processes scale where intra-op threads do not); results do not depend on `jobs`."""
+    return _run_cells(_run_cell, methods, config, synthetic, log, jobs)
+
+
+ABLATION_GUIDANCE = (1.0, 2.0, 4.0)  # diffusers' s: no guidance, the paper's w = 1, and stronger
+ABLATION_PER_CLASS = (400, 1000)
+
+
+def ablation_name(guidance_scale: float, per_class: int) -> str:
+    return f"ddb-1 s={guidance_scale:g} n={per_class}"
+
+
+def _run_ablation_cell(
+    ratio: float, seed: int, variants: tuple[tuple[float, int], ...], config: BenchmarkConfig, synthetic,
+    log: Callable[[str], None],
+) -> dict[str, dict[str, float]]:
+    """Recipe I with the real-data amplifier, then with the synthetic one of every (guidance, set size) variant,
+    one after the other so every variant reuses the cell's one trained generator."""
+    data = colored_digits(ratio, seed=seed, repeats=config.repeats)
+    out = {"ddb-real-1": run_method(data, "ddb-real-1", seed, config, None, {}, log)}
+    for guidance_scale, per_class in variants:
+        name = ablation_name(guidance_scale, per_class)
+        source = synthetic.variant(guidance_scale=guidance_scale, per_class=per_class)
+        out[name] = run_method(data, "ddb-1", seed, config, source, {}, log)
+        log(f"ratio {ratio} seed {seed} {name}  " + "  ".join(f"{k} {v:.3f}" for k, v in out[name].items()))
+    return out
+
+
+def run_ablation(
+    config: BenchmarkConfig, synthetic, log: Callable[[str], None] = print, jobs: int = 1,
+    guidance: tuple[float, ...] = ABLATION_GUIDANCE, per_class: tuple[int, ...] = ABLATION_PER_CLASS,
+) -> dict[float, dict[str, list[dict[str, float]]]]:
+    """The paper's guidance × synthetic-set-size ablation of DDB Recipe I, beside ddb-real-1, per (ratio, seed);
+    `synthetic` is a `DiffusionSource` (its `variant` makes the other settings)."""
+    variants = tuple((g, n) for g in guidance for n in per_class)
+    return _run_cells(_run_ablation_cell, variants, config, synthetic, log, jobs)
+
+
+def _run_cells(run_cell, what, config: BenchmarkConfig, synthetic, log, jobs: int):
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs: expected a positive int, got {jobs!r}")
     cells = [(ratio, seed) for ratio in config.ratios for seed in config.seeds]
     if jobs == 1:
-        outputs = [_run_cell(ratio, seed, methods, config, synthetic, log) for ratio, seed in cells]
+        outputs = [run_cell(ratio, seed, what, config, synthetic, log) for ratio, seed in cells]
     else:
         context = multiprocessing.get_context("fork")
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            outputs = list(pool.map(_run_cell_in_worker, *zip(*[(r, s, methods, config, synthetic) for r, s in cells])))
-    results: dict[float, dict[str, list[dict[str, float]]]] = {r: {m: [] for m in methods} for r in config.ratios}
+            outputs = list(pool.map(functools.partial(_run_in_worker, run_cell),
+                                    *zip(*[(r, s, what, config, synthetic) for r, s in cells])))
+    results: dict[float, dict[str, list[dict[str, float]]]] = {r: {} for r in config.ratios}
     for (ratio, _), by_method in zip(cells, outputs):
         for method, metrics in by_method.items():
-            results[ratio][method].append(metrics)
+            results[ratio].setdefault(method, []).append(metrics)
     return results
 
 
@@ -207,12 +246,13 @@ PAIRS = (("ddb-1", "ddb-real-1"), ("ddb-2", "ddb-real-2"))
 
 
 def format_paired_differences(
-    results: dict[float, dict[str, list[dict[str, float]]]], metrics: tuple[str, ...] = ("unbiased", "worst_group")
+    results: dict[float, dict[str, list[dict[str, float]]]], metrics: tuple[str, ...] = ("unbiased", "worst_group"),
+    pairs: tuple[tuple[str, str], ...] = PAIRS,
 ) -> str:
     """DDB minus its real-data-amplifier twin, per seed (runs are in seed order for every method), in points."""
     lines = []
     for ratio, by_method in results.items():
-        for method, baseline in PAIRS:
+        for method, baseline in pairs:
             if method not in by_method or baseline not in by_method:
                 continue
             parts = []
@@ -230,11 +270,14 @@ def _memory_gib() -> float:
 
 
 def table_report(
-    results: dict, *, command: str, elapsed_s: float, cpu_s: float, config: BenchmarkConfig, notes: str = ""
+    results: dict, *, command: str, elapsed_s: float, cpu_s: float, config: BenchmarkConfig, notes: str = "",
+    title: str = "Debiasing on colored digits",
 ) -> str:
     seeds = ", ".join(map(str, config.seeds))
+    pairs = PAIRS + tuple((m, "ddb-real-1") for by_method in results.values() for m in by_method
+                          if m.startswith("ddb-1 "))
     return (
-        "# Debiasing on colored digits\n\n"
+        f"# {title}\n\n"
         f"- machine: {cpu_model()}, {os.cpu_count()} cores, {_memory_gib():.0f} GiB ({platform.machine()}), torch"
         f" {torch.__version__}, {torch.get_num_threads()} thread(s)\n"
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
@@ -247,7 +290,7 @@ def table_report(
         + format_table(results) + "\n\n"
         "flag_precision / flag_recall: Recipe I's pseudo bias-conflicting flags (the amplifier misclassifies the real"
         " training sample) against the true bias-conflicting samples of the training split.\n\n"
-        + format_paired_differences(results) + "\n" + (f"\n{notes}\n" if notes else "")
+        + format_paired_differences(results, pairs=pairs) + "\n" + (f"\n{notes}\n" if notes else "")
     )
 
 

@@ -147,8 +147,9 @@ def generate(
 class DiffusionSource:
     """The benchmark's synthetic source: trains a generator on data.train and samples it (per ratio and seed).
 
-    With `cache_dir`, the synthetic images of each (ratio, seed, generator config) are saved there and reused by
-    later runs (the generator is the most expensive step of the benchmark)."""
+    With `cache_dir`, the synthetic images of each (ratio, seed, generator config) and the trained generator of
+    each (ratio, seed, training config) are saved there and reused by later runs (the generator is the most
+    expensive step of the benchmark)."""
 
     def __init__(
         self, config: SyntheticConfig = SyntheticConfig(), log: Callable[[str], None] = print,
@@ -167,12 +168,45 @@ class DiffusionSource:
                 f"{' with ε re-derived' if c.use_clipped_model_output else ''}, guidance scale {c.guidance_scale} "
                 "(diffusers convention).")
 
-    def cache_path(self, data: ColoredDigits, seed: int) -> Path | None:
+    def variant(self, **overrides) -> "DiffusionSource":
+        """The same source with other settings (an ablation); it shares the cache, so a variant that only samples
+        differently reuses the trained generator."""
+        return DiffusionSource(self.config.with_overrides(**overrides), self.log, self.cache_dir)
+
+    def _cached(self, kind: str, config: SyntheticConfig, data: ColoredDigits, seed: int) -> Path | None:
         if self.cache_dir is None:
             return None
-        key = hashlib.sha256(repr((replace(self.config, progress=False), data.ratio, data.seed, seed,
+        key = hashlib.sha256(repr((config, data.ratio, data.seed, seed,
                                    tuple(data.train.images.shape))).encode()).hexdigest()[:16]
-        return Path(self.cache_dir) / f"synthetic-r{data.ratio}-s{seed}-{key}.pt"
+        return Path(self.cache_dir) / f"{kind}-r{data.ratio}-s{seed}-{key}.pt"
+
+    def cache_path(self, data: ColoredDigits, seed: int) -> Path | None:
+        return self._cached("synthetic", replace(self.config, progress=False), data, seed)
+
+    def generator_path(self, data: ColoredDigits, seed: int) -> Path | None:
+        """Keyed by the training settings only: sampling settings (guidance, set size, sampler) do not change it."""
+        training = replace(self.config, per_class=1, guidance_scale=1.0, sampling_steps=1, eta=0.0,
+                           clip_sample=1.0, use_clipped_model_output=False, sampling_batch=1, progress=False)
+        return self._cached("generator", training, data, seed)
+
+    def generator(self, data: ColoredDigits, seed: int) -> tuple[torch.nn.Module, NoiseSchedule]:
+        """The EMA generator trained on data.train (stopped on data.val), from the cache when it is there."""
+        from biasfast.diffusion.models import build_model
+
+        path = self.generator_path(data, seed)
+        if path is not None and path.exists():
+            c = self.config
+            model = build_model(c.model, in_channels=data.train.images.shape[1],
+                                image_size=data.train.images.shape[-1], seed=seed, num_classes=NUM_CLASSES,
+                                **dict(c.model_options))
+            model.load_state_dict(load_checkpoint(str(path)))
+            self.log(f"  generator: from {path}")
+            return model.eval(), NoiseSchedule(c.schedule, c.num_timesteps)
+        model, schedule = train_conditional_diffusion(data.train.images, data.train.labels, self.config, seed=seed,
+                                                      heldout=(data.val.images, data.val.labels), log=self.log)
+        if path is not None:
+            save_atomic(model.state_dict(), str(path))
+        return model, schedule
 
     def __call__(self, data: ColoredDigits, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         path = self.cache_path(data, seed)
@@ -181,8 +215,7 @@ class DiffusionSource:
             self.log(f"  synthetic: {labels.numel()} images from {path}")
             return images, labels
         start = time.perf_counter()
-        model, schedule = train_conditional_diffusion(data.train.images, data.train.labels, self.config, seed=seed,
-                                                      heldout=(data.val.images, data.val.labels), log=self.log)
+        model, schedule = self.generator(data, seed)
         images, labels = generate(model, schedule, tuple(data.train.images.shape[1:]), self.config, seed=seed)
         self.log(f"  synthetic: {labels.numel()} images in {time.perf_counter() - start:.0f}s")
         if path is not None:

@@ -268,6 +268,50 @@ def test_diffusion_source_caches_per_ratio_seed_and_config(small_data, tmp_path,
     assert torch.equal(again, images) and torch.equal(again_labels, labels)
 
 
+def test_sampling_variants_reuse_the_cached_generator(small_data, tmp_path, monkeypatch):
+    from biasfast.debias import synthetic
+    from biasfast.debias.synthetic import DiffusionSource, SyntheticConfig
+
+    config = SyntheticConfig(per_class=2, train_steps=3, sampling_steps=2, progress=False)
+    source = DiffusionSource(config, log=lambda s: None, cache_dir=tmp_path)
+    first = source(small_data, seed=0)
+    variant = source.variant(guidance_scale=4.0, per_class=3)
+    assert variant.generator_path(small_data, 0) == source.generator_path(small_data, 0)
+    assert variant.cache_path(small_data, 0) != source.cache_path(small_data, 0)
+    trained = variant.variant(lr=5e-4)  # a training setting: another generator
+    assert trained.generator_path(small_data, 0) != source.generator_path(small_data, 0)
+    model, schedule = synthetic.train_conditional_diffusion(small_data.train.images, small_data.train.labels, config,
+                                                            seed=0, heldout=(small_data.val.images,
+                                                                             small_data.val.labels))
+    expected = synthetic.generate(model, schedule, (3, 8, 8), variant.config, seed=0)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached generator should have been used")
+
+    monkeypatch.setattr(synthetic, "train_conditional_diffusion", no_training)
+    images, labels = variant(small_data, seed=0)
+    assert torch.equal(images, expected[0]) and torch.equal(labels, expected[1])  # the cached weights are exact
+    assert labels.numel() == 30 and not torch.equal(images[:20], first[0])
+
+
+def test_ablation_runs_every_variant_beside_the_real_amplifier(small_data, tmp_path):
+    from biasfast.debias.benchmark import ablation_name, run_ablation, table_report
+    from biasfast.debias.synthetic import DiffusionSource, SyntheticConfig
+
+    config = with_overrides(BenchmarkConfig.quick(), ratios=(0.98,), seeds=(0,),
+                            classifier=ClassifierConfig(epochs=1), amplifier=ClassifierConfig(epochs=1))
+    logs = []
+    source = DiffusionSource(SyntheticConfig(per_class=2, train_steps=3, sampling_steps=2, progress=False),
+                             log=logs.append, cache_dir=tmp_path)
+    results = run_ablation(config, source, log=logs.append, guidance=(1.0, 4.0), per_class=(2, 3))
+    names = ["ddb-real-1"] + [ablation_name(g, n) for g in (1.0, 4.0) for n in (2, 3)]
+    assert list(results[0.98]) == names and all(len(runs) == 1 for runs in results[0.98].values())
+    assert sum("generator: from" in line for line in logs) == 3  # trained once, reused by the other three
+    assert len(list(tmp_path.glob("generator-*.pt"))) == 1 and len(list(tmp_path.glob("synthetic-*.pt"))) == 4
+    report = table_report(results, command="test", elapsed_s=1.0, cpu_s=1.0, config=config, title="ablation")
+    assert report.startswith("# ablation") and "ddb-1 s=4 n=3 − ddb-real-1 per seed" in report
+
+
 class ConvergedDenoiser(nn.Module):
     """A class-conditional generator trained to convergence, in closed form: the ε-prediction of the posterior mean
     E[x0 | x_t, y] over its training set (the exact minimiser of the denoising loss there); null class = all."""

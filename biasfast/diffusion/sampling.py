@@ -144,7 +144,9 @@ def sample_coupled(
     `clip_sample` clamps x̂0; with `use_clipped_model_output` ε̂ is re-derived from the clipped x̂0 (see `step`).
     `prediction`, `spacing` and `clip_sample` default to the schedule's (a diffusers scheduler's config).
     The noise of sample j depends only on (seed, first_index + j, step), so results do not depend on `batch_size`,
-    and n samples made in pieces (each piece passing the global index of its first sample) equal one call's.
+    and n samples made in pieces (each piece passing the global index of its first sample) equal one call's, up
+    to the model's own rounding: a network's float32 output may differ by an ulp with the batch it sees (oneDNN
+    picks convolution kernels by shape; a diffusers UNet on an AMD EPYC), so bitwise equality needs equal batches.
     """
     models = list(models)
     if not models or not all(callable(m) for m in models):

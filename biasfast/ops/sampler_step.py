@@ -40,8 +40,9 @@ def sampler_step(
     `DDIMScheduler.step`.
 
     t, t_prev: ints or integer tensors of shape () or (B,) (per-sample timesteps); t_prev = -1 is the final
-    step, to ᾱ_prev = `final_alpha_cumprod` (diffusers' DDIMScheduler: 1, or ᾱ_0 with `set_alpha_to_one=False`). method "ddpm" (ancestral) or "ddim" (with `eta` in [0, 1]); prediction "epsilon",
-    "sample" or "v_prediction". Guidance: `model_output` is the conditional output and the model output used is
+    step, to ᾱ_prev = `final_alpha_cumprod` (diffusers' DDIMScheduler: 1, or ᾱ_0 with `set_alpha_to_one=False`).
+    method "ddpm" (ancestral) or "ddim" (with `eta` in [0, 1]); prediction "epsilon", "sample" or "v_prediction".
+    Guidance: `model_output` is the conditional output and the model output used is
     uncond + guidance_scale·(cond − uncond) (diffusers' convention; Ho & Salimans' (1 + w)·ε_c − w·ε_u is
     guidance_scale = 1 + w). `noise` (like x_t) is required for "ddpm" and for eta > 0. `clip_sample` clamps
     x̂0 to ±clip_sample. `alphas_cumprod`: the float64 ᾱ table on x_t's device (`NoiseSchedule.table`).
@@ -68,7 +69,7 @@ def sampler_step(
         raise ValueError(f"t_prev: values must satisfy -1 <= t_prev < t, got t={t}, t_prev={t_prev}")
     t = _timestep_tensor(t, "t", batch, x_t.device, steps)
     t_prev = _timestep_tensor(t_prev, "t_prev", batch, x_t.device, steps)
-    _check_order(t, t_prev, steps)
+    _check_order(t, t_prev, steps, alphas_cumprod, float(final_alpha_cumprod))
     operator = dispatch.op("sampler_step")
     args = (x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, float(eta),
             _optional_float(guidance_scale), _optional_float(clip_sample))
@@ -160,12 +161,18 @@ def _timestep_tensor(value, name: str, batch: int, device: torch.device, steps: 
     return value.expand(batch) if value.dim() == 0 else value
 
 
-def _check_order(t: torch.Tensor, t_prev: torch.Tensor, steps: int) -> None:
+def _check_order(t: torch.Tensor, t_prev: torch.Tensor, steps: int, alphas_cumprod: torch.Tensor,
+                 final_alpha_cumprod: float) -> None:
     """Range checks; on CUDA or under torch.compile as asynchronous device asserts (no host sync)."""
-    checks = (
+    checks = [
         ((t >= 0) & (t < steps), f"t: values must lie in [0, {steps})"),
         ((t_prev >= -1) & (t_prev < t), "t_prev: values must satisfy -1 <= t_prev < t"),
-    )
+    ]
+    if final_alpha_cumprod < 1.0:  # ᾱ ≤ 1 always: the default needs no gather
+        alpha = alphas_cumprod[t.clamp(0, steps - 1)]
+        checks.append(((t_prev >= 0) | (alpha <= final_alpha_cumprod),
+                       f"final_alpha_cumprod: {final_alpha_cumprod} is below alphas_cumprod at a final step's t "
+                       "(the final step must denoise)"))
     eager_host = t.device.type == "cpu" and not torch.compiler.is_compiling()
     for ok, message in checks:
         if eager_host:

@@ -560,6 +560,7 @@ def _bad(**overrides):
         (dict(final_alpha_cumprod=0.0), ValueError, r"final_alpha_cumprod: expected a number in \(0, 1\]"),
         (dict(final_alpha_cumprod=float("nan")), ValueError, "final_alpha_cumprod: expected a number"),
         (dict(final_alpha_cumprod=True), ValueError, "final_alpha_cumprod: expected a number"),
+        (dict(t=5, t_prev=-1, final_alpha_cumprod=0.5), ValueError, "final_alpha_cumprod: 0.5 is below alphas_cumprod"),
         (dict(variance="learned_range"), ValueError, r"model_output: shape \(6, 3, 7, 9\) does not match "
                                                      r"\(6, 6, 7, 9\), x_t's with 2C channels"),
         (dict(x_t=torch.ones(6), model_output=torch.ones(6), t=5, t_prev=1, variance="learned_range"), ValueError,

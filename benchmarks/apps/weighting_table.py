@@ -70,6 +70,14 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None else "")
 
 
+def _split_pair(text: str, labels: list[str]) -> tuple[str, str]:
+    """'A-B' into two arm labels; labels may hold '-' themselves (e.g. "mnist-ema constant")."""
+    for i, char in enumerate(text):
+        if char == "-" and text[:i] in labels and text[i + 1:] in labels:
+            return text[:i], text[i + 1:]
+    raise SystemExit(f"--pair: {text!r} is not 'label A-label B' for two of the arms {labels}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("arms", nargs="+", help="label=<comparison folder>:<weighting>")
@@ -96,7 +104,7 @@ def main() -> None:
             budget in r for r in per_seed[label].values()) else "–" for label in labels]
         print(f"| {budget} | " + " | ".join(cells) + " |")
     if args.pair:
-        pairs = [pair.split("-") for pair in args.pair]
+        pairs = [_split_pair(pair, labels) for pair in args.pair]
         print("\n| sampler | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |")
         print("|---" * (len(pairs) + 1) + "|")
         for budget in budgets:

@@ -221,33 +221,32 @@ def uturn(trainer: PairTrainer, config: EvalConfig, progress: bool = True) -> di
             mean, se = mean_se(model_overlap / bp_overlap[name, t].clamp_min(1.0 / data.num_leaves))
             curves[f"{name}/t={t}"]["ratio"].append(mean)
             curves[f"{name}/t={t}"]["se"].append(se)
-    gap = [sum(_uturn_gap(curves, t, i)[0] for t in timesteps) / len(timesteps) for i in range(len(epochs))]
-    separated = [e for i, e in enumerate(epochs)
-                 if all(_uturn_gap(curves, t, i)[0] > 2 * _uturn_gap(curves, t, i)[1] for t in timesteps)]
-    phase = {"train_minus_test_gap": gap, "largest_gap_epoch": epochs[max(range(len(gap)), key=gap.__getitem__)],
-             "separated_from": separated[0] if separated else None,
-             **uturn_regrowth(curves, timesteps, epochs, gap),
+    phase = {**uturn_phase(curves, timesteps, epochs),
              "bp_overlap": {f"{n}/t={t}": float(v.mean()) for (n, t), v in bp_overlap.items()}}
     return {"experiment": "uturn", "timesteps": timesteps, "epochs": epochs, "curves": curves, "phase": phase}
 
 
-def _uturn_gap(curves: dict, t: int, i: int) -> tuple[float, float]:
-    """Train − test overlap ratio at start time t and checkpoint i, with its standard error."""
-    train, test = curves[f"train/t={t}"], curves[f"test/t={t}"]
-    return train["ratio"][i] - test["ratio"][i], (train["se"][i] ** 2 + test["se"][i] ** 2) ** 0.5
-
-
-def uturn_regrowth(curves: dict, timesteps: list[int], epochs: list[int], gap: list[float]) -> dict:
-    """The paper's U-turn sign read after learning has started: the mean train − test gap's minimum epoch, and
-    the first later epoch where the gap exceeds its value there by 2 SE at every start time. A copy-free test
-    set of rarer sequences gives an offset before any learning (the gap at the first checkpoint), so the
-    first separation alone is not the sign; its regrowth after the minimum is."""
-    low = min(range(len(gap)), key=gap.__getitem__)
-    grown = [epochs[j] for j in range(low + 1, len(epochs))
-             if all(_uturn_gap(curves, t, j)[0] - _uturn_gap(curves, t, low)[0] >
-                    2 * (_uturn_gap(curves, t, j)[1] ** 2 + _uturn_gap(curves, t, low)[1] ** 2) ** 0.5
+def uturn_phase(curves: dict, timesteps: list[int], epochs: list[int]) -> dict:
+    """The U-turn readings from the train/test overlap-ratio curves: the mean train − test gap per checkpoint, its
+    largest, the first checkpoint separated by 2 SE at every start time, and the paper's sign read after learning
+    has started: the gap's minimum and the first later checkpoint where the gap exceeds its value there by 2 SE
+    at every start time. A copy-free test set of rarer sequences gives an offset before any learning (the gap at
+    the first checkpoint), so the first separation alone is not the sign; the regrowth after the minimum is."""
+    gaps = {}  # t -> [(train − test ratio, its SE)] per checkpoint
+    for t in timesteps:
+        train, test = curves[f"train/t={t}"], curves[f"test/t={t}"]
+        gaps[t] = [(tr - te, (s_tr**2 + s_te**2) ** 0.5)
+                   for tr, te, s_tr, s_te in zip(train["ratio"], test["ratio"], train["se"], test["se"])]
+    checkpoints = range(len(epochs))
+    gap = [sum(gaps[t][i][0] for t in timesteps) / len(timesteps) for i in checkpoints]
+    separated = [epochs[i] for i in checkpoints if all(gaps[t][i][0] > 2 * gaps[t][i][1] for t in timesteps)]
+    low = min(checkpoints, key=gap.__getitem__)
+    grown = [epochs[j] for j in checkpoints[low + 1:]
+             if all(gaps[t][j][0] - gaps[t][low][0] > 2 * (gaps[t][j][1] ** 2 + gaps[t][low][1] ** 2) ** 0.5
                     for t in timesteps)]
-    return {"gap_minimum_epoch": epochs[low], "regrowth_from": grown[0] if grown else None}
+    return {"train_minus_test_gap": gap, "largest_gap_epoch": epochs[max(checkpoints, key=gap.__getitem__)],
+            "separated_from": separated[0] if separated else None,
+            "gap_minimum_epoch": epochs[low], "regrowth_from": grown[0] if grown else None}
 
 
 RUNNERS = {"sequential": sequential, "nn-divergence": nn_divergence, "loss-decomposition": loss_decomposition,

@@ -15,7 +15,7 @@ from biasfast.apps.main import main
 from biasfast.hierarchy import FilteredHierarchicalModel
 from biasfast.hierarchy.denoiser import SequenceDenoiser
 from biasfast.hierarchy.diffusion import OneHotDiffusion, bp_estimate, network_estimate
-from biasfast.hierarchy.experiments import uturn_regrowth
+from biasfast.hierarchy.experiments import uturn_phase
 from biasfast.metrics.stats import histogram_kl
 from biasfast.hierarchy.measures import (argmin_epoch, loss_terms, nn_histogram, overlap,
                                          sequence_kl)
@@ -328,11 +328,13 @@ def test_uturn_regrowth_is_read_after_the_gaps_minimum_at_every_start_time():
     epochs = [10, 20, 30, 40]
     curves = {"train/t=1": curve([0.90, 0.80, 0.90, 0.95], 0.01), "test/t=1": curve([0.80, 0.78, 0.78, 0.78], 0.01),
               "train/t=2": curve([0.70, 0.60, 0.62, 0.70], 0.01), "test/t=2": curve([0.60, 0.59, 0.59, 0.59], 0.01)}
-    gap = [sum(curves[f"train/t={t}"]["ratio"][i] - curves[f"test/t={t}"]["ratio"][i] for t in (1, 2)) / 2
-           for i in range(4)]
-    assert uturn_regrowth(curves, [1, 2], epochs, gap) == {"gap_minimum_epoch": 20, "regrowth_from": 40}
+    phase = uturn_phase(curves, [1, 2], epochs)
+    assert (phase["gap_minimum_epoch"], phase["regrowth_from"]) == (20, 40)
+    assert phase["separated_from"] == 10 and phase["largest_gap_epoch"] == 40  # the early offset separates first
+    assert phase["train_minus_test_gap"] == pytest.approx([0.10, 0.015, 0.075, 0.14])
     curves["train/t=2"]["se"] = [0.05] * 4  # the same growth within 2 SE: no regrowth read
-    assert uturn_regrowth(curves, [1, 2], epochs, gap) == {"gap_minimum_epoch": 20, "regrowth_from": None}
+    phase = uturn_phase(curves, [1, 2], epochs)
+    assert (phase["gap_minimum_epoch"], phase["regrowth_from"]) == (20, None)
 
 
 # ---- the experiments through the CLI ----

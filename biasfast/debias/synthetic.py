@@ -87,6 +87,17 @@ class HeldOutLoss:
         return (self.conditional(model)[0] + self.unconditional(model)[0]) / 2
 
 
+def new_generator(config: SyntheticConfig, image_shape: tuple[int, ...], seed: int
+                  ) -> tuple[torch.nn.Module, NoiseSchedule]:
+    """The untrained class-conditional denoiser (null class = NUM_CLASSES) for images of `image_shape`, and its
+    schedule: what training starts from and what cached weights are loaded into."""
+    from biasfast.diffusion.models import build_model
+
+    model = build_model(config.model, in_channels=image_shape[0], image_size=image_shape[-1], seed=seed,
+                        num_classes=NUM_CLASSES, **dict(config.model_options))
+    return model, NoiseSchedule(config.schedule, config.num_timesteps)
+
+
 def train_conditional_diffusion(
     images: torch.Tensor, labels: torch.Tensor, config: SyntheticConfig, *, seed: int = 0,
     heldout: tuple[torch.Tensor, torch.Tensor] | None = None, log: Callable[[str], None] | None = None,
@@ -95,15 +106,12 @@ def train_conditional_diffusion(
 
     With `heldout` (images, labels), training stops early once the EMA model's held-out loss (`HeldOutLoss`, every
     `eval_every` steps) has not improved by `min_improvement` (relative) for `patience` evaluations."""
-    from biasfast.diffusion.models import build_model
     from biasfast.diffusion.training import TrainConfig, Trainer
 
     check_labelled_images(images, labels)
     if images.dim() != 4:
         raise ValueError(f"images: expected (n, C, H, W), got {tuple(images.shape)}")
-    schedule = NoiseSchedule(config.schedule, config.num_timesteps)
-    model = build_model(config.model, in_channels=images.shape[1], image_size=images.shape[-1], seed=seed,
-                        num_classes=NUM_CLASSES, **dict(config.model_options))
+    model, schedule = new_generator(config, tuple(images.shape[1:]), seed)
     trainer = Trainer(model, images * 2 - 1, schedule,
                       TrainConfig(batch_size=config.batch_size, lr=config.lr, label_dropout=config.label_dropout,
                                   ema_decay=config.ema_decay, seed=seed),
@@ -191,17 +199,12 @@ class DiffusionSource:
 
     def generator(self, data: ColoredDigits, seed: int) -> tuple[torch.nn.Module, NoiseSchedule]:
         """The EMA generator trained on data.train (stopped on data.val), from the cache when it is there."""
-        from biasfast.diffusion.models import build_model
-
         path = self.generator_path(data, seed)
         if path is not None and path.exists():
-            c = self.config
-            model = build_model(c.model, in_channels=data.train.images.shape[1],
-                                image_size=data.train.images.shape[-1], seed=seed, num_classes=NUM_CLASSES,
-                                **dict(c.model_options))
+            model, schedule = new_generator(self.config, tuple(data.train.images.shape[1:]), seed)
             model.load_state_dict(load_checkpoint(str(path)))
             self.log(f"  generator: from {path}")
-            return model.eval(), NoiseSchedule(c.schedule, c.num_timesteps)
+            return model.eval(), schedule
         model, schedule = train_conditional_diffusion(data.train.images, data.train.labels, self.config, seed=seed,
                                                       heldout=(data.val.images, data.val.labels), log=self.log)
         if path is not None:

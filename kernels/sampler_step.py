@@ -10,6 +10,8 @@ interpolation v that sets the DDPM step's σ = exp(h0 + h1·v) per element.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -109,6 +111,13 @@ def _check_options(method: str, prediction: str, eta: float, guidance_scale: flo
         raise ValueError("noise: required when method is 'ddpm' or eta > 0")
 
 
+@functools.lru_cache(maxsize=16)
+def _final_alpha_tensor(value: float, device: torch.device) -> torch.Tensor:
+    """The final step's ᾱ as a read-only one-element float64 tensor, made once per (value, device): a sampling
+    loop then allocates nothing per step (and stays capturable in a CUDA graph)."""
+    return torch.full((1,), value, dtype=torch.float64, device=device)
+
+
 def _launch(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, method, prediction, eta,
             guidance_scale, clip_sample, out, x0_out, variance, final_alpha_cumprod) -> None:
     """Write x_{t'} into `out` (contiguous; may be x_t itself) and x̂0 into `x0_out` unless it is empty.
@@ -123,7 +132,7 @@ def _launch(x_t, model_output, uncond_output, noise, t, t_prev, alphas_cumprod, 
     uncond = cond if uncond_output is None else uncond_output.contiguous()
     z = x if noise is None else noise.contiguous()
     write_x0 = x0_out.numel() > 0
-    final = torch.full((1,), final_alpha_cumprod, dtype=torch.float64, device=x.device)
+    final = _final_alpha_tensor(float(final_alpha_cumprod), x.device)
     grid = (batch, triton.cdiv(row, BLOCK))
     _sampler_step_kernel[grid](
         x, cond, uncond, z, out, x0_out if write_x0 else out, t, t_prev, t.stride(0), t_prev.stride(0),

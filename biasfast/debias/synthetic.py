@@ -37,7 +37,7 @@ class SyntheticConfig:
     label_dropout: float = 0.1
     model: str = "unet"
     model_options: tuple[tuple[str, object], ...] = (("base_channels", 16),)
-    train_steps: int = 4000  # at most; see eval_every / patience
+    train_steps: int = 7000  # at most; the held-out rule (eval_every, patience) stops it first
     batch_size: int = 128
     lr: float = 1e-3
     ema_decay: float = 0.995

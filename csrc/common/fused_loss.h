@@ -109,6 +109,28 @@ BIASFAST_AVX2 inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
 }
 
+// Natural log of 8 positive normal floats (Cephes logf: x = m·2^e with m in [√½, √2), degree-8 polynomial in
+// m − 1), within 1 ulp of std::log; callers keep x ≥ FLT_MIN (no zero, denormal, negative or NaN handling).
+BIASFAST_AVX2 inline __m256 log8(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(x), 23),
+                                                 _mm256_set1_epi32(126)));
+  x = _mm256_or_ps(_mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(~0x7f800000))), _mm256_set1_ps(0.5f));
+  const __m256 below = _mm256_cmp_ps(x, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  e = _mm256_sub_ps(e, _mm256_and_ps(one, below));
+  x = _mm256_add_ps(_mm256_sub_ps(x, one), _mm256_and_ps(x, below));  // m − 1, m doubled when below √½
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+  for (const float c : {-1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f,
+                        -1.6668057665e-1f, 2.0000714765e-1f, -2.4999993993e-1f, 3.3333331174e-1f}) {
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
+  }
+  y = _mm256_mul_ps(_mm256_mul_ps(y, x), z);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(x, y));
+}
+
 // Horizontal sum of 8 lanes in a fixed order.
 BIASFAST_AVX2 inline float sum8(__m256 acc) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));

@@ -10,8 +10,10 @@
 //     so neither x_t nor the other input is read, and float32 avoids the cancellation of forming both means.
 //     With x = log σ² − log β̃_clipped = (v+1)/2·Δ (Δ = log β_t − log β̃_t):
 //     2·kl = (x − 1 + e^{−x}) + (μ̃ − μ)²·e^{−log β̃}·e^{−x}   (x − 1 + e^{−x} by its series for |x| < ½).
-//   t = 0: the discretised-Gaussian decoder NLL of x0, in double, transcribed step by step from
-//     guided-diffusion (x_t, x̂0, μ, the tanh CDF with the ±0.999 edge branches and the 1e-12 clamp).
+//   t = 0: the discretised-Gaussian decoder NLL of x0 (the tanh CDF with the ±0.999 edge branches and the 1e-12
+//     clamp): for float inputs in float32 AVX2 lanes, with x0 − μ formed like μ̃ − μ above and the bin mass and tails
+//     as products of e^{−2u} terms (no cancellation); for double inputs and the generic variant in double,
+//     transcribed step by step from guided-diffusion (x_t, x̂0, μ).
 // vb = (sum / n) / ln 2 · T/1000; the vb gradient goes to the variance channels v only.
 //
 // Determinism: each sample is cut into fixed chunks of kChunk elements; chunk partials are combined
@@ -227,9 +229,10 @@ inline void decoder_nll(double x0, double mean, double log_scale, double& nll, d
   dnll = -dlog;
 }
 
-// The decoder branch over n elements, in double whatever the input dtype (t = 0 is one timestep in T).
+// The decoder branch over n elements, in double: the float64 path, the generic CPU variant, and the head/tail of
+// the AVX2 body.
 template <typename scalar_t>
-void decoder_chunk(const scalar_t* p, const scalar_t* v, const scalar_t* x0, const scalar_t* eps, scalar_t* gp,
+void decoder_portable(const scalar_t* p, const scalar_t* v, const scalar_t* x0, const scalar_t* eps, scalar_t* gp,
                    scalar_t* gv, int64_t n, const DecoderCoefs& c, bool predicts_eps, double& mse, double& nll) {
   for (int64_t i = 0; i < n; ++i) {
     const double out = static_cast<double>(p[i]), x = static_cast<double>(x0[i]), e = static_cast<double>(eps[i]);
@@ -248,6 +251,117 @@ void decoder_chunk(const scalar_t* p, const scalar_t* v, const scalar_t* x0, con
       gv[i] = static_cast<scalar_t>(c.v_grad * dvalue);
     }
   }
+}
+
+#ifdef BIASFAST_X86
+// Per-sample constants of the AVX2 decoder, in float. With x̂0 = x0 − r the centred x0 − μ is
+// (1 − coef1)·x0 − coef2·x_t + coef1·r, and r = x0 − x̂0 is sqrt(1/ᾱ − 1)·(ε̂ − ε) for ε-prediction (x_t cancels
+// exactly, as in the KL branch) or x0 − x̂0 for x0-prediction; at t = 0 coef1 = 1 and coef2 = 0. So float32
+// forms x0 − μ without the cancellation of subtracting two means, which the double path needs double for.
+struct DecoderCoefs8 {
+  float mse_grad, v_grad, sqrt_alpha_bar, sqrt_one_minus, one_minus_coef1, coef2, error_to_centred;
+  float half_min_log, quarter_delta;
+};
+
+DecoderCoefs8 decoder_coefs8(const DecoderCoefs& c, bool predicts_eps) {
+  return {static_cast<float>(c.mse_grad), static_cast<float>(c.v_grad), static_cast<float>(c.sqrt_alpha_bar),
+          static_cast<float>(c.sqrt_one_minus), static_cast<float>(1.0 - c.coef1), static_cast<float>(c.coef2),
+          static_cast<float>(predicts_eps ? c.coef1 * c.sqrt_recipm1 : -c.coef1),
+          static_cast<float>(0.5 * c.min_log), static_cast<float>((c.max_log - c.min_log) / 4.0)};
+}
+
+// approx_cdf of 8 lanes, also returning z = e^{−2u}: 1 − cdf = z·cdf and cdf(b) − cdf(a) = (z_a − z_b)·cdf(a)·cdf(b)
+// keep the tails and the bin mass free of cancellation in float. |y| is capped at 1e4 (the CDF is 0 or 1 to float
+// precision long before) so that y³ and the density stay finite; the exponent at 80 keeps cdf a normal float.
+BIASFAST_AVX2 inline void approx_cdf8(__m256 y, __m256& z, __m256& cdf, __m256& density) {
+  constexpr float k = 0.79788456080286535588f, a = 0.044715f;
+  y = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-1e4f)), _mm256_set1_ps(1e4f));
+  const __m256 y2 = _mm256_mul_ps(y, y);
+  const __m256 u = _mm256_mul_ps(_mm256_set1_ps(-2.0f * k), _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(a), y2), y, y));
+  z = exp8(_mm256_min_ps(u, _mm256_set1_ps(80.0f)));
+  cdf = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), z));
+  const __m256 shape = _mm256_fmadd_ps(_mm256_set1_ps(3.0f * a), y2, _mm256_set1_ps(1.0f));
+  density = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(cdf, cdf), _mm256_mul_ps(z, _mm256_set1_ps(2.0f * k))), shape);
+}
+
+// The decoder branch over n elements (a multiple of kUnit), 8 float lanes; the same branches as decoder_nll
+// (edge bins at ±0.999, the 1e-12 clamp with zero gradient), sums added to double every kBlock elements.
+template <typename scalar_t, bool kGrad>
+BIASFAST_AVX2 void decoder_avx2(const scalar_t* p, const scalar_t* v, const scalar_t* x0, const scalar_t* eps,
+                                scalar_t* gp, scalar_t* gv, int64_t n, const DecoderCoefs8& c, bool predicts_eps,
+                                double& mse, double& nll) {
+  constexpr int64_t kBlock = 32 * kUnit;
+  const __m256 zero = _mm256_setzero_ps(), floor = _mm256_set1_ps(1e-12f), bin = _mm256_set1_ps(1.0f / 255.0f);
+  const __m256 low_edge = _mm256_set1_ps(-0.999f), high_edge = _mm256_set1_ps(0.999f);
+  const __m256 sqrt_alpha_bar = _mm256_set1_ps(c.sqrt_alpha_bar), sqrt_one_minus = _mm256_set1_ps(c.sqrt_one_minus);
+  const __m256 one_minus_coef1 = _mm256_set1_ps(c.one_minus_coef1), coef2 = _mm256_set1_ps(c.coef2);
+  const __m256 error_to_centred = _mm256_set1_ps(c.error_to_centred);
+  const __m256 half_min_log = _mm256_set1_ps(c.half_min_log), quarter_delta = _mm256_set1_ps(c.quarter_delta);
+  const __m256 mse_grad = _mm256_set1_ps(c.mse_grad), v_grad = _mm256_set1_ps(c.v_grad);
+  __m256d mse_lo = _mm256_setzero_pd(), mse_hi = mse_lo, nll_lo = mse_lo, nll_hi = mse_lo;
+  for (int64_t block = 0; block < n; block += kBlock) {
+    __m256 mse_acc = zero, nll_acc = zero;
+    const int64_t block_end = std::min(n, block + kBlock);
+    for (int64_t i = block; i < block_end; i += kUnit) {
+      const __m256 x = load8(x0 + i), e = load8(eps + i);
+      const __m256 err = _mm256_sub_ps(load8(p + i), predicts_eps ? e : x);
+      const __m256 x_t = _mm256_fmadd_ps(sqrt_alpha_bar, x, _mm256_mul_ps(sqrt_one_minus, e));
+      const __m256 centred = _mm256_fmadd_ps(error_to_centred, err,
+                                             _mm256_fmsub_ps(one_minus_coef1, x, _mm256_mul_ps(coef2, x_t)));
+      const __m256 log_scale = _mm256_fmadd_ps(_mm256_add_ps(load8(v + i), _mm256_set1_ps(1.0f)), quarter_delta,
+                                               half_min_log);
+      const __m256 inv_stdv = exp8(_mm256_sub_ps(zero, log_scale));
+      const __m256 plus_in = _mm256_mul_ps(inv_stdv, _mm256_add_ps(centred, bin));
+      const __m256 min_in = _mm256_mul_ps(inv_stdv, _mm256_sub_ps(centred, bin));
+      __m256 z_plus, cdf_plus, pdf_plus, z_min, cdf_min, pdf_min;
+      approx_cdf8(plus_in, z_plus, cdf_plus, pdf_plus);
+      approx_cdf8(min_in, z_min, cdf_min, pdf_min);
+      // x0 < −0.999 and x0 > 0.999 as guided-diffusion compares (float x0 against the double constant): the float
+      // nearest 0.999 lies above it, so the float comparisons are ≤ −0.999f and ≥ 0.999f.
+      const __m256 left = _mm256_cmp_ps(x, low_edge, _CMP_LE_OQ), right = _mm256_cmp_ps(x, high_edge, _CMP_GE_OQ);
+      const __m256 mass = _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(z_min, z_plus), cdf_plus), cdf_min);
+      const __m256 probability = _mm256_blendv_ps(_mm256_blendv_ps(mass, _mm256_mul_ps(z_min, cdf_min), right),
+                                                  cdf_plus, left);
+      const __m256 kept = _mm256_cmp_ps(probability, floor, _CMP_GT_OQ);
+      nll_acc = _mm256_sub_ps(nll_acc, log8(_mm256_max_ps(probability, floor)));
+      mse_acc = _mm256_fmadd_ps(err, err, mse_acc);
+      if constexpr (kGrad) {
+        // d log p / d log_scale: −pdf(plus)·plus_in from the upper bin edge, +pdf(min)·min_in from the lower.
+        const __m256 upper = _mm256_andnot_ps(right, _mm256_mul_ps(pdf_plus, plus_in));
+        const __m256 lower = _mm256_andnot_ps(left, _mm256_mul_ps(pdf_min, min_in));
+        const __m256 dlog = _mm256_and_ps(kept, _mm256_div_ps(_mm256_sub_ps(lower, upper), probability));
+        store8<false>(gp + i, _mm256_mul_ps(mse_grad, err));
+        store8<false>(gv + i, _mm256_mul_ps(v_grad, _mm256_sub_ps(zero, dlog)));
+      }
+    }
+    add_to_double(mse_acc, mse_lo, mse_hi);
+    add_to_double(nll_acc, nll_lo, nll_hi);
+  }
+  mse += sum_double(mse_lo, mse_hi);
+  nll += sum_double(nll_lo, nll_hi);
+}
+#endif  // BIASFAST_X86
+
+// One decoder chunk: float inputs take the AVX2 body where it runs (a scalar double tail: the split depends only on
+// the shape), double inputs and the generic variant the double path.
+template <typename scalar_t>
+void decoder_chunk(const scalar_t* p, const scalar_t* v, const scalar_t* x0, const scalar_t* eps, scalar_t* gp,
+                   scalar_t* gv, int64_t n, const DecoderCoefs& c, bool predicts_eps, double& mse, double& nll) {
+#ifdef BIASFAST_X86
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (use_avx2()) {
+      const int64_t body = n / kUnit * kUnit;
+      const DecoderCoefs8 c8 = decoder_coefs8(c, predicts_eps);
+      if (gp) decoder_avx2<scalar_t, true>(p, v, x0, eps, gp, gv, body, c8, predicts_eps, mse, nll);
+      else decoder_avx2<scalar_t, false>(p, v, x0, eps, gp, gv, body, c8, predicts_eps, mse, nll);
+      const auto at = [](auto* ptr, int64_t k) { return ptr ? ptr + k : nullptr; };
+      decoder_portable(p + body, v + body, x0 + body, eps + body, at(gp, body), at(gv, body), n - body, c,
+                       predicts_eps, mse, nll);
+      return;
+    }
+  }
+#endif
+  decoder_portable(p, v, x0, eps, gp, gv, n, c, predicts_eps, mse, nll);
 }
 
 RecycledBuffer gradient_buffer;

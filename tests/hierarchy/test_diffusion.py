@@ -435,6 +435,9 @@ def test_mechanism_preset_is_the_default_and_the_paper_grammar_stays_available()
     paper, evaluation = hierarchy_app._configs(_parsed("--paper-sizes"))
     assert (paper.q, paper.depth, paper.q_eff, paper.n_train, paper.width, paper.layers, paper.epochs) == \
         (6, 4, 4, 5000, 512, 8, 20000) and evaluation.n_eval == 3000
+    staircase, _ = hierarchy_app._configs(_parsed("--preset", "staircase"))
+    assert (staircase.q, staircase.depth, staircase.q_eff, staircase.sigma, staircase.n_train, staircase.batch_size,
+            staircase.width, staircase.epochs, staircase.checkpoints) == (4, 3, 2, 0.1, 256, 64, 32, 20000, 18)
     with pytest.raises(ValueError, match="--preset: 'mechanism' cannot be combined with --paper-sizes"):
         hierarchy_app._configs(_parsed("--preset", "mechanism", "--paper-sizes"))
 

@@ -67,10 +67,28 @@ PyObject* cpu_variants_ran(PyObject*, PyObject*) {
   return ran;
 }
 
+// The AVX2 bodies that ran since the last call (common/isa.h), as a sorted list of names; clears them.
+PyObject* take_avx2_bodies_ran(PyObject*, PyObject*) {
+  const std::vector<std::string> names = biasfast::take_avx2_bodies_ran();
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(names.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < names.size(); ++i) {
+    PyObject* name = PyUnicode_FromString(names[i].c_str());
+    if (name == nullptr) {
+      Py_DECREF(list);
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), name);
+  }
+  return list;
+}
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "JSON description of how this extension was compiled."},
     {"cpu_isa", cpu_isa, METH_NOARGS, "The CPU kernel variant BIASFAST_CPU_ISA selects now: 'avx2' or 'generic'."},
     {"cpu_variants_ran", cpu_variants_ran, METH_NOARGS, "Each op's CPU kernel variant on its last call."},
+    {"take_avx2_bodies_ran", take_avx2_bodies_ran, METH_NOARGS,
+     "The CPU kernels' AVX2 bodies that ran since the last call (sorted names); clears them."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "biasfast compiled operators", -1, methods};

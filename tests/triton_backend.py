@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
 from typing import Any, Callable
 
 import pytest
@@ -40,3 +44,27 @@ def triton_kernel(module: str, function: str) -> Callable:
         return _to(result, "cpu")
 
     return run
+
+
+def raises_async_check(match: str, module: str, function: str, *args: Any) -> None:
+    """Call biasfast.kernels.<module>.<function> expecting its `torch._assert_async` value check to fire.
+
+    On CPU tensors (the interpreter) the check raises at once with its message. On a GPU it is a device-side
+    assert: the message is not carried to Python and the CUDA context is unusable afterwards, so the call runs in
+    a child process, which must die of the device assert, and this process's context stays clean.
+    """
+    if TRITON_DEVICE == "cpu":
+        with pytest.raises(RuntimeError, match=match):
+            triton_kernel(module, function)(*args)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "args.pt")
+        torch.save(list(args), path)
+        script = ("import importlib, sys, torch\n"
+                  "args = [a.cuda() if isinstance(a, torch.Tensor) else a\n"
+                  "        for a in torch.load(sys.argv[1], weights_only=True)]\n"
+                  f"getattr(importlib.import_module('biasfast.kernels.{module}'), '{function}')(*args)\n"
+                  "torch.cuda.synchronize()\n")
+        result = subprocess.run([sys.executable, "-c", script, path], capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0, f"the device check did not fire ({match!r})"
+    assert "device-side assert" in result.stderr, result.stderr[-3000:]

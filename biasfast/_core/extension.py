@@ -36,6 +36,12 @@ def cpu_variants_ran() -> dict[str, str]:
     return dict(_C.cpu_variants_ran()) if _C is not None else {}
 
 
+def take_avx2_bodies_ran() -> list[str]:
+    """The CPU kernels' AVX2 bodies that ran since the last call ("knn/fused", "snr_loss", ...), clearing them: what
+    tells the code that ran from the variant label an op writes at its entry."""
+    return list(_C.take_avx2_bodies_ran()) if _C is not None else []
+
+
 if _C is not None and BUILD_INFO.get("torch_version") != torch.__version__:
     LOAD_ERROR = (
         f"biasfast._C was built for torch {BUILD_INFO.get('torch_version')} but torch {torch.__version__} is installed"

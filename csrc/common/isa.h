@@ -15,6 +15,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define BIASFAST_HAVE_AVX2_BUILD 1
@@ -88,7 +89,38 @@ inline bool use_avx2() {
   return choice == 1;
 }
 
+// The AVX2 bodies that ran since the last take_avx2_bodies_ran(), by name ("knn/fused", "snr_loss", ...). Marked
+// inside the branch that runs a body, not at the op's entry, so a test can tell the code that ran from the label
+// select_cpu_isa writes: an op that stopped consulting use_avx2() would keep its label and lose its mark.
+struct Avx2Bodies {
+  std::mutex mutex;
+  std::map<std::string, std::atomic<bool>> ran;  // map nodes never move, so a mark's reference stays valid
+};
+inline Avx2Bodies& avx2_bodies() {
+  static Avx2Bodies bodies;
+  return bodies;
+}
+inline std::atomic<bool>& avx2_body_mark(const char* body) {
+  std::lock_guard<std::mutex> lock(avx2_bodies().mutex);
+  return avx2_bodies().ran[body];
+}
+// The names marked since the last call, clearing them.
+inline std::vector<std::string> take_avx2_bodies_ran() {
+  std::lock_guard<std::mutex> lock(avx2_bodies().mutex);
+  std::vector<std::string> names;
+  for (auto& [name, ran] : avx2_bodies().ran)
+    if (ran.exchange(false, std::memory_order_relaxed)) names.push_back(name);
+  return names;
+}
+
 // The variant BIASFAST_CPU_ISA selects now, "avx2" or "generic" (reported by biasfast.info()).
 inline const char* cpu_isa() { return avx2_requested() ? "avx2" : "generic"; }
 
 }  // namespace biasfast
+
+// Marks the AVX2 body `name` as run (one relaxed store; the lookup happens once per call site).
+#define BIASFAST_MARK_AVX2_BODY(name)                                                              \
+  do {                                                                                             \
+    static std::atomic<bool>& biasfast_body_mark_ = ::biasfast::avx2_body_mark(name);              \
+    biasfast_body_mark_.store(true, std::memory_order_relaxed);                                    \
+  } while (0)

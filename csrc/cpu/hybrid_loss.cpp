@@ -170,6 +170,7 @@ void kl_chunk(const scalar_t* p, const scalar_t* v, const scalar_t* q, scalar_t*
 #ifdef BIASFAST_X86
   if constexpr (!std::is_same_v<acc_t, double>) {
     if (use_avx2()) {
+      BIASFAST_MARK_AVX2_BODY("hybrid_loss/kl");
       const int64_t head = std::min(n, (kUnit - offset % kUnit) % kUnit);
       const int64_t body = (n - head) / kUnit * kUnit;
       kl_portable(p, v, q, gp, gv, head, c, mse, kl);
@@ -350,6 +351,7 @@ void decoder_chunk(const scalar_t* p, const scalar_t* v, const scalar_t* x0, con
 #ifdef BIASFAST_X86
   if constexpr (!std::is_same_v<scalar_t, double>) {
     if (use_avx2()) {
+      BIASFAST_MARK_AVX2_BODY("hybrid_loss/decoder");
       const int64_t body = n / kUnit * kUnit;
       const DecoderCoefs8 c8 = decoder_coefs8(c, predicts_eps);
       if (gp) decoder_avx2<scalar_t, true>(p, v, x0, eps, gp, gv, body, c8, predicts_eps, mse, nll);

@@ -191,6 +191,7 @@ void run_step(const at::Tensor& x, const at::Tensor& cond, const at::Tensor& unc
       fb.learned = flags.learned && k[b].h0 > -std::numeric_limits<compute_t>::infinity();
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (use_avx2()) {
+          BIASFAST_MARK_AVX2_BODY("sampler_step");
           select_avx2(fb)(xp, cb, ub, vb, zp, op, x0p, i, stop, k[b], s, c);
         } else {
           step_range<float>(xp, cb, ub, vb, zp, op, x0p, i, stop, k[b], s, c, fb);

@@ -112,6 +112,7 @@ template <typename scalar_t>
 float chunk_sum(const scalar_t* p, const scalar_t* q, scalar_t* g, int64_t start, int64_t n, float coef, bool stream) {
 #ifdef BIASFAST_X86
   if (use_avx2()) {
+    BIASFAST_MARK_AVX2_BODY("snr_loss");
     const int64_t head = std::min(n, (kUnit - start % kUnit) % kUnit);
     const int64_t body = (n - head) / kUnit * kUnit;
     float sum = chunk_portable(p, q, g, head, coef);

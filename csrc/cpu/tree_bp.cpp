@@ -41,7 +41,10 @@ void run(const Plan<T>& plan, const T* evidence, const T* scale, T* out, T* log_
   at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
     const int64_t begin = g0 * lanes, end = std::min(batch, g1 * lanes);
 #ifdef BIASFAST_HAVE_AVX2_BUILD
-    if (avx2) return run_range_avx2(plan, evidence, scale, out, log_z, batch, begin, end);
+    if (avx2) {
+      BIASFAST_MARK_AVX2_BODY("tree_bp");
+      return run_range_avx2(plan, evidence, scale, out, log_z, batch, begin, end);
+    }
 #endif
     run_range_portable(plan, evidence, scale, out, log_z, batch, begin, end);
   });

@@ -46,6 +46,12 @@ def _knn_inputs(dtype, d):
     return torch.randn(37, d, generator=g).to(dtype), torch.randn(531, d, generator=g).to(dtype)
 
 
+def _hybrid_inputs(dtype):
+    torch.manual_seed(3)
+    # t = 0 (the decoder NLL body) beside t > 0 (the KL body), the schedule's ends included
+    return hybrid_tests._inputs((5, 3, 9, 11), dtype, timesteps=torch.tensor([0, 1, 500, 998, 999]))
+
+
 def _tree_bp_inputs(dtype):
     torch.manual_seed(5)  # problem() draws from the global generator
     return tree_bp_tests.problem(6, 4, 4, 1, 37, dtype)
@@ -60,8 +66,7 @@ def _cases() -> dict:
     for dtype in (torch.float32, torch.bfloat16):
         for prediction in ("epsilon", "sample"):
             def hybrid(dtype=dtype, prediction=prediction):
-                torch.manual_seed(3)
-                inputs = hybrid_tests._inputs((5, 3, 9, 11), dtype)
+                inputs = _hybrid_inputs(dtype)
                 return torch.ops.biasfast.hybrid_loss(*inputs, hybrid_tests.TABLE, hybrid_tests.DEBIAS, prediction, "none",
                                                       True)
             cases[f"hybrid_loss/{dtype}/{prediction}"] = hybrid
@@ -102,8 +107,7 @@ def _expected(name: str, outputs: tuple) -> None:
     elif op == "hybrid_loss":
         prediction = name.split("/")[2]
         dtype = outputs[3].dtype
-        torch.manual_seed(3)
-        inputs = hybrid_tests._inputs((5, 3, 9, 11), dtype)
+        inputs = _hybrid_inputs(dtype)
         loss, mse, vb, grad = hybrid_tests._oracle(*inputs, hybrid_tests.DEBIAS, prediction)
         for actual, expected in zip(outputs[:3], (loss, mse, vb)):
             hybrid_tests.assert_relative(actual, expected, hybrid_tests.VALUE_RTOL[dtype])
@@ -141,9 +145,15 @@ def _expected(name: str, outputs: tuple) -> None:
 
 
 def main(path: str) -> None:
-    """Run every case under the variant the environment forces; save the outputs and the variant each op ran."""
-    outputs = {name: tuple(run()) for name, run in _cases().items()}
-    torch.save({"isa": extension.cpu_isa(), "ran": extension.cpu_variants_ran(), "outputs": outputs}, path)
+    """Run every case under the variant the environment forces; save the outputs, the variant each op ran and the
+    AVX2 bodies each case ran."""
+    outputs, bodies = {}, {}
+    extension.take_avx2_bodies_ran()  # whatever import-time calls ran
+    for name, run in _cases().items():
+        outputs[name] = tuple(run())
+        bodies[name] = extension.take_avx2_bodies_ran()
+    torch.save({"isa": extension.cpu_isa(), "ran": extension.cpu_variants_ran(), "outputs": outputs,
+                "bodies": bodies}, path)
 
 
 def _run_variant(isa: str, tmp_path) -> dict:
@@ -218,14 +228,25 @@ def test_the_variants_agree(variants, name):
         torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=rtol * float(b.abs().max()))
 
 
-@needs_avx2
-def test_the_variants_run_different_code(variants):
-    # Some float results round differently under the two variants (vector vs scalar summation orders): if every
-    # output were bitwise equal the switch would not be reaching the kernels.
-    differing = [name for name in CASE_NAMES
-                 if any(not torch.equal(a, b) for a, b in zip(variants["generic"]["outputs"][name],
-                                                             variants["avx2"]["outputs"][name]))]
-    assert differing, "BIASFAST_CPU_ISA changed no kernel's rounding"
+def avx2_bodies(name: str) -> set[str]:
+    """The AVX2 bodies a case runs under the avx2 variant. float64 kNN has none (both variants run the portable
+    GEMM scan), and neither have the ops with one portable kernel."""
+    op = name.split("/")[0]
+    if op == "knn":
+        _, dtype, path, _ = name.split("/")
+        return {f"knn/{path}"} if dtype == str(torch.float32) else set()
+    if op == "hybrid_loss":
+        return {"hybrid_loss/kl", "hybrid_loss/decoder"}
+    return set() if op in PORTABLE_ONLY else {op}
+
+
+@pytest.mark.parametrize("isa", ["generic", pytest.param("avx2", marks=needs_avx2)])
+def test_each_case_ran_the_forced_variants_code(variants, isa):
+    # The label select_cpu_isa writes at an op's entry says what was asked; the marks inside the AVX2 branches say
+    # what ran. Under generic no AVX2 body may run; under avx2 each case must run exactly its op's bodies.
+    for name in CASE_NAMES:
+        expected = avx2_bodies(name) if isa == "avx2" else set()
+        assert set(variants[isa]["bodies"][name]) == expected, f"{name} under {isa}"
 
 
 def test_this_process_reports_its_variant():

@@ -12,7 +12,7 @@ import torch
 import biasfast
 from biasfast.ops import reference
 from biasfast.ops.hybrid_loss import hybrid_loss_table
-from tests.triton_backend import TRITON_DEVICE, needs_triton, triton_kernel
+from tests.triton_backend import TRITON_DEVICE, needs_triton, raises_async_check, triton_kernel
 from tests.tolerances import assert_close_to_reference
 
 T = 1000
@@ -465,9 +465,8 @@ def test_triton_checks_values_without_a_host_sync(timesteps, weights, bad_v, mat
     model_output, x_start, noise, _ = _inputs((2, 1, 2, 2))
     if bad_v:
         model_output[1, 1, 0, 0] = float("nan")
-    with pytest.raises(RuntimeError, match=match):
-        triton_kernel("hybrid_loss", "hybrid_loss")(model_output, x_start, noise, timesteps, TABLE, weights,
-                                                    "epsilon", "mean", False)
+    raises_async_check(match, "hybrid_loss", "hybrid_loss", model_output, x_start, noise, timesteps, TABLE, weights,
+                       "epsilon", "mean", False)
 
 
 @pytest.mark.gpu

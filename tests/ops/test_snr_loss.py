@@ -6,7 +6,7 @@ import torch
 
 import biasfast
 from biasfast.ops import reference
-from tests.triton_backend import needs_triton, triton_kernel
+from tests.triton_backend import needs_triton, raises_async_check, triton_kernel
 from tests.tolerances import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -242,8 +242,8 @@ def test_bad_input_names_the_argument(override, error, match):
 )
 def test_triton_checks_values_without_a_host_sync(timesteps, weights, match):
     # torch._assert_async: raises at once on CPU tensors, asynchronously (device assert) on a GPU.
-    with pytest.raises(RuntimeError, match=match):
-        triton_kernel("snr_loss", "snr_loss")(torch.zeros(2, 3), torch.zeros(2, 3), timesteps, weights, "mean", False)
+    raises_async_check(match, "snr_loss", "snr_loss", torch.zeros(2, 3), torch.zeros(2, 3), timesteps, weights, "mean",
+                       False)
 
 
 @pytest.mark.gpu

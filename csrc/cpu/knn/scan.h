@@ -122,9 +122,14 @@ template <typename scalar_t, typename ref_t>
 double scan(const Problem& problem, const PreparedQueries<scalar_t>& queries, ReferencePacker<scalar_t, ref_t>& packer,
             Candidates<scalar_t>& candidates) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (use_avx2())
-      return problem.d <= kFusedMaxDim ? scan_fused(problem, queries, packer, candidates)
-                                       : scan_packed(problem, queries, packer, candidates);
+    if (use_avx2()) {
+      if (problem.d <= kFusedMaxDim) {
+        BIASFAST_MARK_AVX2_BODY("knn/fused");
+        return scan_fused(problem, queries, packer, candidates);
+      }
+      BIASFAST_MARK_AVX2_BODY("knn/packed");
+      return scan_packed(problem, queries, packer, candidates);
+    }
   }
   return scan_gemm(problem, queries, packer, candidates);
 }

@@ -123,6 +123,18 @@ def check_model_shape(model: torch.nn.Module, shape: tuple[int, ...], name: str,
                          f"trained on images like the training sets'")
 
 
+def check_sample_size(model: torch.nn.Module, shape: tuple[int, ...], name: str, folder: str) -> None:
+    """A model's config `sample_size` (int or (height, width)) must be the images' size: a convolutional UNet
+    runs on other sizes too, so the forward pass of `check_model_shape` would not notice."""
+    size = getattr(model, "config", {}).get("sample_size")
+    if size is None:
+        return
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    if (height, width) != tuple(shape[1:]):
+        raise ValueError(f"{name}: the model in {folder!r} has sample_size {height}×{width} (height×width), but "
+                         f"the training images are {shape[1]}×{shape[2]}; it was not trained on images like these")
+
+
 def check_disjoint(train_a: ImageStream, train_b: ImageStream) -> None:
     """A and B must not share an image: count the rows of B identical to a row of A."""
     hashes_a = torch.cat([row_hash(chunk.flatten(1)) for chunk in train_a.chunks()])
@@ -352,7 +364,8 @@ def run_audit(args: argparse.Namespace) -> int:
         (model_a, scheduler), (model_b, _) = (load_diffusers_model(config.model_a, "--model-a"),
                                               load_diffusers_model(config.model_b, "--model-b"))
         models = [model_a.to(device), model_b.to(device)]
-        for model, flag in zip(models, ("--model-a", "--model-b")):
+        for model, flag, folder in zip(models, ("--model-a", "--model-b"), (config.model_a, config.model_b)):
+            check_sample_size(model, shape, flag, folder)
             check_model_shape(model, shape, flag, device)
         schedule = NoiseSchedule(scheduler) if scheduler is not None else NoiseSchedule(config.schedule)
     check_disjoint(train_a, train_b)

@@ -22,9 +22,9 @@ SHAPE = (3, 8, 8)
 N = 12
 
 
-def _unet(seed: int, channels: int = 3) -> diffusers.UNet2DModel:
+def _unet(seed: int, channels: int = 3, sample_size: int | tuple[int, int] = 8) -> diffusers.UNet2DModel:
     torch.manual_seed(seed)
-    return diffusers.UNet2DModel(sample_size=8, in_channels=channels, out_channels=channels, layers_per_block=1,
+    return diffusers.UNet2DModel(sample_size=sample_size, in_channels=channels, out_channels=channels, layers_per_block=1,
                                  block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
 
@@ -204,8 +204,9 @@ def _bad_inputs(inputs, tmp_path):
     shutil.copytree(inputs["train_b"], overlap)
     for name in ("img000.png", "img002.png"):
         shutil.copy(os.path.join(inputs["train_a"], "part0", name), overlap / f"copy_{name}")
-    grey = tmp_path / "grey_model"
+    grey, larger = tmp_path / "grey_model", tmp_path / "larger_model"
     _unet(2, channels=1).save_pretrained(grey)
+    _unet(2, sample_size=(16, 8)).save_pretrained(larger)  # runs on 8×8 images all the same
 
     def swap(flag, value):
         args = _args(inputs, tmp_path / f"out_{flag}_{os.path.basename(str(value))}")
@@ -215,6 +216,8 @@ def _bad_inputs(inputs, tmp_path):
     return [
         ("no model", swap("--model-b", nomodel), "holds no diffusers model"),
         ("wrong shape", swap("--model-b", grey), "--model-b: the model"),
+        ("sample size", swap("--model-b", larger), f"--model-b: the model in '{larger}' has sample_size 16×8 "
+                                                    "(height×width), but the training images are 8×8"),
         ("mixed sizes", swap("--train-b", mixed), "images of mixed sizes: '" + str(mixed / "zz_wide.png")),
         ("unreadable", swap("--train-b", garbage), "cannot read image '" + str(garbage / "broken.png")),
         ("empty", swap("--train-b", empty), "holds no PNG or JPEG images"),

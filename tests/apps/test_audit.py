@@ -1,5 +1,6 @@
 """`biasfast audit` end to end on two saved tiny UNets and PNG folders written here: the report against bias_score
-by hand, the pictures, resume after a kill between shards, samples made elsewhere with an embedding, bad input."""
+by hand, the pictures, resume after a kill between shards, samples made elsewhere with an embedding, the schedule
+when the folders have no scheduler/, bad input (mismatched sizes or schedulers among it)."""
 
 import json
 import os
@@ -24,8 +25,9 @@ N = 12
 
 def _unet(seed: int, channels: int = 3, sample_size: int | tuple[int, int] = 8) -> diffusers.UNet2DModel:
     torch.manual_seed(seed)
-    return diffusers.UNet2DModel(sample_size=sample_size, in_channels=channels, out_channels=channels, layers_per_block=1,
-                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+    return diffusers.UNet2DModel(sample_size=sample_size, in_channels=channels, out_channels=channels,
+                                 layers_per_block=1, block_out_channels=(8, 16),
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
 
 
@@ -48,7 +50,8 @@ def inputs(tmp_path_factory):
     pipeline = paths["model_a"]  # a pipeline folder: unet/ and scheduler/
     _unet(0).save_pretrained(os.path.join(pipeline, "unet"))
     diffusers.DDIMScheduler(num_train_timesteps=100).save_pretrained(os.path.join(pipeline, "scheduler"))
-    _unet(1).save_pretrained(paths["model_b"])  # a model folder
+    _unet(1).save_pretrained(paths["model_b"])  # a model folder, with the same scheduler beside the model
+    diffusers.DDIMScheduler(num_train_timesteps=100).save_pretrained(os.path.join(paths["model_b"], "scheduler"))
     return paths
 
 
@@ -164,6 +167,23 @@ def test_dpm_solver_audit_equals_its_sampler(inputs, tmp_path):
     assert payload["report"]["n_samples"] == N
 
 
+def test_schedule_flag_for_folders_without_a_scheduler(inputs, tmp_path):
+    """Two model folders without scheduler/: both are sampled on --schedule's named schedule."""
+    for seed, side in enumerate("ab"):
+        _unet(seed).save_pretrained(tmp_path / f"bare_{side}")
+    out = tmp_path / "cosine"
+    args = _args(inputs, out, "--schedule", "cosine")
+    for side in "ab":
+        args[args.index(f"--model-{side}") + 1] = str(tmp_path / f"bare_{side}")
+    assert main(args) == 0
+    assert _load(out)["schedule"].startswith("NoiseSchedule('cosine', num_timesteps=1000")
+    models = [audit.load_diffusers_model(str(tmp_path / f"bare_{side}"), side)[0] for side in "ab"]
+    direct = biasfast.sample_coupled(models, N, SHAPE, biasfast.NoiseSchedule("cosine"), seed=0, steps=4,
+                                     method="ddim", eta=1.0, batch_size=3, progress=False)
+    for made, saved in zip(direct, _samples(out)):
+        np.testing.assert_array_equal(made.numpy(), saved)
+
+
 class TinyEmbedding(torch.nn.Module):
     """A fixed random conv embedding for --features (built with no arguments)."""
 
@@ -207,6 +227,12 @@ def _bad_inputs(inputs, tmp_path):
     grey, larger = tmp_path / "grey_model", tmp_path / "larger_model"
     _unet(2, channels=1).save_pretrained(grey)
     _unet(2, sample_size=(16, 8)).save_pretrained(larger)  # runs on 8×8 images all the same
+    v_model, bare = tmp_path / "v_model", tmp_path / "bare_model"
+    for folder in (v_model, bare):
+        _unet(1).save_pretrained(folder)
+    v_scheduler = diffusers.DDIMScheduler(num_train_timesteps=100, prediction_type="v_prediction")
+    v_scheduler.save_pretrained(v_model / "scheduler")
+    model_a = inputs["model_a"]
 
     def swap(flag, value):
         args = _args(inputs, tmp_path / f"out_{flag}_{os.path.basename(str(value))}")
@@ -218,6 +244,12 @@ def _bad_inputs(inputs, tmp_path):
         ("wrong shape", swap("--model-b", grey), "--model-b: the model"),
         ("sample size", swap("--model-b", larger), f"--model-b: the model in '{larger}' has sample_size 16×8 "
                                                     "(height×width), but the training images are 8×8"),
+        ("schedulers", swap("--model-b", v_model),
+         f"the schedules of --model-a '{model_a}' (its scheduler/) and --model-b '{v_model}' (its scheduler/) "
+         "differ in prediction_type ('epsilon' vs 'v_prediction')"),
+        ("no scheduler", swap("--model-b", bare),
+         f"and --model-b '{bare}' (no scheduler/, so --schedule linear) differ in alphas_cumprod (100 vs 1000 "
+         "timesteps), timestep_spacing ('leading' vs None), clip_sample (1.0 vs None)"),
         ("mixed sizes", swap("--train-b", mixed), "images of mixed sizes: '" + str(mixed / "zz_wide.png")),
         ("unreadable", swap("--train-b", garbage), "cannot read image '" + str(garbage / "broken.png")),
         ("empty", swap("--train-b", empty), "holds no PNG or JPEG images"),

@@ -119,7 +119,15 @@ def test_resume_after_a_kill_between_shards_gives_the_same_report(inputs, finish
     assert not (out / "report.json").exists()
     monkeypatch.setattr(audit, "save_shard", real)
     assert main(_args(inputs, out)) == 2  # no silent overwrite
+    sampled, sample_coupled = [], audit.sample_coupled
+
+    def counted(models, n, *args, first_index, **kwargs):
+        sampled.append((first_index, n))
+        return sample_coupled(models, n, *args, first_index=first_index, **kwargs)
+
+    monkeypatch.setattr(audit, "sample_coupled", counted)
     assert main(_args(inputs, out, "--resume")) == 0
+    assert sampled == [(5, 5), (10, 2)]  # the two missing shards only, not the saved first one
     assert _load(out)["report"] == _load(finished)["report"]
 
 

@@ -1,6 +1,7 @@
 """`biasfast audit` end to end on two saved tiny UNets and PNG folders written here: the report against bias_score
-by hand, the pictures, resume after a kill between shards, samples made elsewhere with an embedding, the schedule
-when the folders have no scheduler/, bad input (mismatched sizes or schedulers among it)."""
+by hand, the pictures, resume after a kill between shards, samples made elsewhere with an embedding, .npz and JPEG
+inputs and a folder longer than one stream chunk with the printed summary, the schedule when the folders have no
+scheduler/, bad input (mismatched sizes or schedulers among it)."""
 
 import json
 import os
@@ -218,6 +219,46 @@ def test_samples_made_elsewhere_memmaps_and_features(tmp_path):
     expected = biasfast.bias_score(arrays["sa"], arrays["sb"], arrays["ta"], arrays["tb"], metric="l2",
                                    features=TinyEmbedding())
     np.testing.assert_allclose(_load(out)["report"]["own_nn"], expected.own_nn.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_npz_jpeg_and_a_folder_longer_than_one_chunk(tmp_path, capsys):
+    """Every input kind through the audit's image stream: --train-a a PNG folder of 1100 images (more than one
+    1024-row chunk; the A samples are copies of images 1030.., in the second chunk), --train-b and --samples-b
+    .npz files (uint8 and float), --samples-a a JPEG folder. The report and its printed summary equal
+    bias_score's on the same pixels decoded here."""
+    rng = np.random.default_rng(2)
+    train_a = rng.integers(0, 256, (1100, 8, 8, 3), dtype=np.uint8)  # (N, H, W, C), as the PNGs hold them
+    train_b = rng.integers(0, 256, (40, *SHAPE), dtype=np.uint8)
+    samples_b = rng.uniform(-1, 1, (6, *SHAPE)).astype(np.float32)
+    for i, image in enumerate(train_a):
+        path = tmp_path / "train_a" / f"img{i:04d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(image).save(path)
+    (tmp_path / "samples_a").mkdir()
+    for i, image in enumerate(train_a[1030:1036]):
+        Image.fromarray(image).save(tmp_path / "samples_a" / f"s{i}.jpg", quality=95, subsampling=0)
+    np.savez(tmp_path / "train_b.npz", images=train_b)
+    np.savez(tmp_path / "samples_b.npz", samples=samples_b)
+    out = tmp_path / "out"
+    code = main(["audit", "--samples-a", str(tmp_path / "samples_a"), "--samples-b", str(tmp_path / "samples_b.npz"),
+                 "--train-a", str(tmp_path / "train_a"), "--train-b", str(tmp_path / "train_b.npz"),
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+
+    def pixels(array):  # uint8 (N, H, W, C) → float32 (N, C, H, W) in [−1, 1]
+        return np.ascontiguousarray(array.transpose(0, 3, 1, 2), dtype=np.float32) / 127.5 - 1
+
+    jpegs = sorted((tmp_path / "samples_a").iterdir())
+    decoded = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in jpegs])
+    expected = biasfast.bias_score(pixels(decoded), samples_b, pixels(train_a),
+                                   train_b.astype(np.float32) / 127.5 - 1)
+    report = _load(out)["report"]
+    np.testing.assert_allclose(report["own_nn"], expected.own_nn.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(report["cross_nn"], expected.cross_nn.numpy(), rtol=1e-5, atol=1e-6)
+    assert max(report["own_nn"][0]) < 0.01 < min(report["cross_nn"][0])  # found in the second chunk
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:-1] == expected.summary().splitlines()
+    assert printed[-1].startswith(f"audit: {out / 'report.json'}, gallery.png, distances.png (")
 
 
 def _bad_inputs(inputs, tmp_path):

@@ -37,6 +37,9 @@ from biasfast.ops.row_hash import row_hash
 CONFIG_FILE, REPORT_FILE, SAMPLE_DIR = "audit.json", "report.json", "samples"
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 GALLERY_ROWS = 8
+# NoiseSchedule settings that change the samples, with the scheduler config keys they come from
+SCHEDULE_FIELDS = {"prediction": "prediction_type", "spacing": "timestep_spacing", "steps_offset": "steps_offset",
+                   "clip_sample": "clip_sample", "set_alpha_to_one": "set_alpha_to_one"}
 
 
 @dataclass
@@ -121,6 +124,48 @@ def check_model_shape(model: torch.nn.Module, shape: tuple[int, ...], name: str,
     if out.shape != x.shape:
         raise ValueError(f"{name}: the model maps images of shape {shape} to {tuple(out.shape[1:])}; it was not "
                          f"trained on images like the training sets'")
+
+
+def check_sample_size(model: torch.nn.Module, shape: tuple[int, ...], name: str, folder: str) -> None:
+    """A model's config `sample_size` (int or (height, width)) must be the images' size: a convolutional UNet
+    runs on other sizes too, so the forward pass of `check_model_shape` would not notice."""
+    size = getattr(model, "config", {}).get("sample_size")
+    if size is None:
+        return
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    if (height, width) != tuple(shape[1:]):
+        raise ValueError(f"{name}: the model in {folder!r} has sample_size {height}×{width} (height×width), but "
+                         f"the training images are {shape[1]}×{shape[2]}; it was not trained on images like these")
+
+
+def _schedule_differences(a: NoiseSchedule, b: NoiseSchedule) -> list[str]:
+    """What differs between two schedules in a way that changes the samples, under diffusers' config names."""
+    differences = []
+    if a.num_timesteps != b.num_timesteps:
+        differences.append(f"alphas_cumprod ({a.num_timesteps} vs {b.num_timesteps} timesteps)")
+    elif not torch.allclose(a.alphas_cumprod, b.alphas_cumprod, rtol=1e-6, atol=0):
+        differences.append("alphas_cumprod")
+    for field, key in SCHEDULE_FIELDS.items():
+        if getattr(a, field) != getattr(b, field):
+            differences.append(f"{key} ({getattr(a, field)!r} vs {getattr(b, field)!r})")
+    return differences
+
+
+def agreed_schedule(schedulers: dict[str, tuple[str, Any]], fallback: str) -> NoiseSchedule:
+    """The one schedule both models are sampled with: each folder's scheduler/, or the named `fallback` (the
+    --schedule flag) for a folder without one. `schedulers` maps a flag to (folder, scheduler or None); if the
+    two schedules differ in anything that changes the samples, that is an error naming both folders."""
+    schedules, sources = [], []
+    for flag, (folder, scheduler) in schedulers.items():
+        schedules.append(NoiseSchedule(scheduler) if scheduler is not None else NoiseSchedule(fallback))
+        source = "its scheduler/" if scheduler is not None else f"no scheduler/, so --schedule {fallback}"
+        sources.append(f"{flag} {folder!r} ({source})")
+    differences = _schedule_differences(*schedules)
+    if differences:
+        raise ValueError(f"--model-a/--model-b: the schedules of {sources[0]} and {sources[1]} differ in "
+                         f"{', '.join(differences)}; the audit samples both models with one schedule, so give "
+                         f"both folders the same scheduler/")
+    return schedules[0]
 
 
 def check_disjoint(train_a: ImageStream, train_b: ImageStream) -> None:
@@ -349,12 +394,14 @@ def run_audit(args: argparse.Namespace) -> int:
     features = load_features(config.features)
     models, schedule = None, None
     if config.model_a is not None:
-        (model_a, scheduler), (model_b, _) = (load_diffusers_model(config.model_a, "--model-a"),
-                                              load_diffusers_model(config.model_b, "--model-b"))
-        models = [model_a.to(device), model_b.to(device)]
-        for model, flag in zip(models, ("--model-a", "--model-b")):
-            check_model_shape(model, shape, flag, device)
-        schedule = NoiseSchedule(scheduler) if scheduler is not None else NoiseSchedule(config.schedule)
+        folders = {"--model-a": config.model_a, "--model-b": config.model_b}
+        loaded = {flag: load_diffusers_model(folder, flag) for flag, folder in folders.items()}
+        for flag, (model, _) in loaded.items():
+            check_sample_size(model, shape, flag, folders[flag])
+            check_model_shape(model.to(device), shape, flag, device)
+        models = [model for model, _ in loaded.values()]
+        schedule = agreed_schedule({flag: (folders[flag], scheduler) for flag, (_, scheduler) in loaded.items()},
+                                   config.schedule)
     check_disjoint(train_a, train_b)
     checked = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)

@@ -1,6 +1,8 @@
 """DPM-Solver++(2M), the multistep data-prediction solver (Lu et al. 2022), as diffusers'
 `DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)` runs it with its defaults
-(solver_type "midpoint", lower_order_final, final_sigmas_type "zero", timestep_spacing "linspace").
+(solver_type "midpoint", lower_order_final, final_sigmas_type "zero", lambda_min_clipped −inf) and any of its
+timestep spacings ("linspace", its default; "leading" with steps_offset; "trailing"), by its own rules, which
+are not DDIM's.
 
 With λ = log(α/σ), α = √ᾱ, σ = √(1 − ᾱ), one step s0 → t with h = λ_t − λ_s0 and the previous step's
 h0 = λ_s0 − λ_s1 is
@@ -20,16 +22,36 @@ import math
 import numpy as np
 import torch
 
-from biasfast.diffusion.schedules import NoiseSchedule
+from biasfast.diffusion.schedules import SPACINGS, NoiseSchedule
+
+DPM_SOLVER_SPACING = "linspace"  # DPMSolverMultistepScheduler's default timestep_spacing
 
 
-def dpm_solver_timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
-    """Descending timesteps of diffusers' DPM-Solver "linspace" spacing: steps + 1 points from 0 to T − 1,
-    rounded, the 0 dropped (the last step goes to σ = 0, written t_prev = −1). Same NumPy code, same rounding."""
+def dpm_solver_timesteps(schedule: NoiseSchedule, steps: int, spacing: str | None = None) -> list[int]:
+    """Descending timesteps of `DPMSolverMultistepScheduler.set_timesteps` (diffusers 0.42) for `spacing`
+    (default: the schedule's, else "linspace", DPM-Solver's own default), in the same NumPy code so that the
+    rounding is the same. Each list stops short of 0: the last step goes to σ = 0, written t_prev = −1.
+
+    linspace: steps + 1 points from 0 to T − 1, rounded, the 0 dropped. leading: multiples of T // (steps + 1),
+    the 0 dropped, plus `steps_offset` (not DDIM's multiples of T // steps). trailing: T down by T/steps,
+    rounded, minus 1 (as DDIM's)."""
     total = schedule.num_timesteps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= total:
         raise ValueError(f"steps: expected an int in [1, {total}], got {steps!r}")
-    return np.linspace(0, total - 1, steps + 1).round()[::-1][:-1].astype(np.int64).tolist()
+    spacing = (schedule.spacing or DPM_SOLVER_SPACING) if spacing is None else spacing
+    if spacing == "linspace":
+        timesteps = np.linspace(0, total - 1, steps + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        timesteps = (np.arange(0, steps + 1) * (total // (steps + 1))).round()[::-1][:-1] + schedule.steps_offset
+    elif spacing == "trailing":
+        timesteps = np.arange(total, 0, -total / steps).round() - 1
+    else:
+        raise ValueError(f"spacing: unknown {spacing!r} for DPM-Solver++; expected one of {SPACINGS}")
+    timesteps = timesteps.astype(np.int64).tolist()
+    if spacing == "leading" and (steps >= total or timesteps[0] >= total):
+        raise ValueError(f"steps: {steps} leading DPM-Solver++ steps with steps_offset {schedule.steps_offset} "
+                         f"do not fit in {total} timesteps (they need T // (steps + 1) ≥ 1 and the first one < T)")
+    return timesteps
 
 
 def second_order_corrections(schedule: NoiseSchedule, timesteps: list[int]) -> list[float]:

@@ -138,9 +138,11 @@ def sample_coupled(
     model with `class_labels` and with None, or once on a doubled batch whose second half is labelled
     `null_label` when one is given. method "ddpm", "ddim" or "dpmsolver++" (DPM-Solver++(2M), equal to
     diffusers' `DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)` with its defaults;
-    see `biasfast.diffusion.dpm_solver`). Timesteps: `schedule.timesteps(steps, spacing)` (spacing "leading"
-    unless given; for dpmsolver++ without a spacing, diffusers' DPM-Solver linspace spacing), each step going
-    to the next one (-1 last); steps defaults to 50 for DDIM, 20 for DPM-Solver++, every step for DDPM.
+    see `biasfast.diffusion.dpm_solver`). Timesteps: `spacing`, else the schedule's (a diffusers scheduler's
+    `timestep_spacing` and `steps_offset`), else each sampler's diffusers default ("leading" for DDPM and DDIM,
+    `schedule.timesteps`; "linspace" for DPM-Solver++, whose spacings follow DPMSolverMultistepScheduler's own
+    rules, `dpm_solver_timesteps`), each step going to the next one (-1 last); steps defaults to 50 for DDIM,
+    20 for DPM-Solver++, every step for DDPM.
     `clip_sample` clamps x̂0; with `use_clipped_model_output` ε̂ is re-derived from the clipped x̂0 (see `step`).
     `prediction`, `spacing` and `clip_sample` default to the schedule's (a diffusers scheduler's config).
     The noise of sample j depends only on (seed, first_index + j, step), so results do not depend on `batch_size`,
@@ -175,8 +177,8 @@ def sample_coupled(
         steps = min(DEFAULT_STEPS.get(method, schedule.num_timesteps), schedule.num_timesteps)
     prediction = schedule.prediction if prediction is None else prediction
     clip_sample = schedule.clip_sample if clip_sample is None else clip_sample
-    if multistep and spacing is None:
-        timesteps = dpm_solver_timesteps(schedule, steps)
+    if multistep:
+        timesteps = dpm_solver_timesteps(schedule, steps, spacing)
     else:
         timesteps = schedule.timesteps(steps, spacing).tolist()
     pairs = list(zip(timesteps, schedule.previous_timesteps(timesteps, method)))

@@ -15,6 +15,7 @@ from biasfast._core.constants import PREDICTIONS
 
 NAMED_SCHEDULES = ("linear", "scaled_linear", "cosine", "diffusion_lm")
 SPACINGS = ("leading", "trailing", "linspace")
+DEFAULT_SPACING = "leading"  # DDPMScheduler's and DDIMScheduler's; DPM-Solver++ has its own (`dpm_solver`)
 DDIM_PREVIOUS = ("next", "stride")  # where a DDIM step goes: the next listed timestep, or t − T//steps
 STRIDE_SCHEDULERS = ("DDIMScheduler",)  # diffusers schedulers whose DDIM step computes t − T//steps
 
@@ -62,6 +63,8 @@ class NoiseSchedule:
     `alphas_cumprod` and a `config`; see `from_diffusers`), so existing pipelines plug in their own tables.
     `prediction`, `spacing`, `steps_offset` and `clip_sample` are the defaults the samplers use with this
     schedule (diffusers keeps them in the scheduler's config; a name or a table gets the DDPM defaults).
+    `spacing` None (a name or a table, unless given) leaves each sampler its own diffusers scheduler's default:
+    "leading" for DDPM and DDIM, "linspace" for DPM-Solver++; a diffusers scheduler's spacing is always set.
     `ddim_previous` is where a DDIM step from t goes: "next", the next timestep of the list, or "stride",
     t − T//steps as diffusers' DDIMScheduler does whatever its spacing (the two differ for linspace and
     trailing spacing when T/steps is not an integer); a DDIMScheduler gives "stride".
@@ -76,7 +79,7 @@ class NoiseSchedule:
         *,
         zero_terminal_snr: bool = False,
         prediction: str = "epsilon",
-        spacing: str = "leading",
+        spacing: str | None = None,
         steps_offset: int = 0,
         clip_sample: float | None = None,
         ddim_previous: str = "next",
@@ -107,7 +110,7 @@ class NoiseSchedule:
                             f"got {type(schedule).__name__}")
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction: unknown {prediction!r}; expected one of {PREDICTIONS}")
-        if spacing not in SPACINGS:
+        if spacing is not None and spacing not in SPACINGS:
             raise ValueError(f"spacing: unknown {spacing!r}; expected one of {SPACINGS}")
         if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
             raise ValueError(f"steps_offset: expected an int ≥ 0, got {steps_offset!r}")
@@ -185,9 +188,9 @@ class NoiseSchedule:
 
     def timesteps(self, steps: int | None = None, spacing: str | None = None) -> torch.Tensor:
         """Descending sampler timesteps, respaced to `steps` as diffusers' `timestep_spacing` does (default: this
-        schedule's spacing); "leading" adds `steps_offset`, as diffusers does."""
+        schedule's spacing, else "leading"); "leading" adds `steps_offset`, as diffusers does."""
         total = self.num_timesteps
-        spacing = self.spacing if spacing is None else spacing
+        spacing = (self.spacing or DEFAULT_SPACING) if spacing is None else spacing
         steps = total if steps is None else steps
         if not isinstance(steps, int) or not 1 <= steps <= total:
             raise ValueError(f"steps: expected an int in [1, {total}], got {steps!r}")
@@ -232,7 +235,7 @@ def _diffusers_settings(scheduler: Any) -> dict[str, Any]:
     return {
         "alphas_cumprod": scheduler.alphas_cumprod.detach().to("cpu", torch.float64).flatten(),
         "prediction": get("prediction_type", "epsilon"),
-        "spacing": get("timestep_spacing", "leading"),
+        "spacing": get("timestep_spacing", DEFAULT_SPACING),
         "steps_offset": int(get("steps_offset", 0)),
         "clip_sample": float(get("clip_sample_range", 1.0)) if clip else None,
         "zero_terminal_snr": bool(get("rescale_betas_zero_snr", False)),

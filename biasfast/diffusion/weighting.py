@@ -17,8 +17,11 @@ SNR = 0 (zero-terminal-SNR schedules) gives the true limit (finite, or +inf) ins
 | "inv_snr"       | 1/SNR²                 | 1/SNR              | Min-SNR code, x0 branch                 |
 | "truncated_snr" | max(SNR, 1)/SNR        | max(SNR, 1)        | Min-SNR code 'trunc_snr'                |
 
-"min_snr" with convention="diffusers" reproduces diffusers' `snr_gamma` instead: base = SNR + 1 for
-v-prediction (else SNR), w = min(base, γ)/base, for every prediction (differs from the Min-SNR code for v).
+"min_snr" with convention="diffusers" reproduces the `--snr_gamma` weights of diffusers' training scripts
+(examples/text_to_image/train_text_to_image.py and its siblings since December 2023): min(SNR, γ), divided by
+SNR for ε and by SNR + 1 for v, left as it is for "sample". Away from SNR = 0 that is the Min-SNR code's
+weighting; at SNR = 0 the scripts' v and x0 weights are min(0, γ) = 0, which this convention keeps instead of
+the Min-SNR code's 1 (the ε weight keeps its limit 1 where the scripts compute 0/0).
 """
 
 from __future__ import annotations
@@ -103,15 +106,13 @@ def _check_nonnegative(value: float, name: str) -> None:
         raise ValueError(f"{name}: expected a finite number ≥ 0, got {value!r}")
 
 
-def _diffusers_min_snr(snr: torch.Tensor, prediction: str, gamma: float) -> torch.Tensor:
-    base = snr + 1 if prediction == "v_prediction" else snr
-    return torch.where(base < gamma, torch.ones_like(base), gamma / base)
+def _uses_terminal_guard(name: str, params: dict) -> bool:
+    """Whether weight 1 replaces the table where SNR = 0: the Min-SNR code's rule, which diffusers' scripts
+    do not follow (their v and x0 weights are 0 there)."""
+    return name in _MIN_SNR_FAMILY and params.get("convention") != "diffusers"
 
 
 def _scheme_weights(name: str, snr: torch.Tensor, prediction: str, params: dict) -> torch.Tensor:
-    if name == "min_snr" and params.get("convention") == "diffusers":
-        _min_snr(**params)  # validates gamma
-        return _diffusers_min_snr(snr, prediction, params.get("gamma", 5.0))
     try:
         eps_form, x0_form = _SCHEMES[name](**params)
     except TypeError as error:  # unexpected keyword
@@ -136,7 +137,8 @@ def weighting(
     `params` are the scheme's own (p2: k, gamma; min_snr: gamma, convention; soft_min_snr: gamma;
     edm: sigma_data). `max_weight` clamps every weight from above; `mean` then rescales the table to that mean
     over t (mean=1 keeps the scheme's shape but not its loudness against an unweighted term such as L_vlb). Where SNR = 0 (zero-terminal-SNR
-    schedules) the Min-SNR family uses weight 1 as the Min-SNR code does; a scheme whose weight is
+    schedules) the Min-SNR family uses weight 1 as the Min-SNR code does (min_snr with convention="diffusers"
+    keeps the diffusers scripts' values instead); a scheme whose weight is
     infinite there ("debias", "edm", "p2" with k = 0 for ε) gets the largest finite weight of the table
     unless `max_weight` is given.
     """
@@ -157,9 +159,8 @@ def weighting(
         weights = torch.ones_like(snr)
     else:
         weights = _scheme_weights(name, snr, prediction, params)
-    terminal = snr == 0
-    if name in _MIN_SNR_FAMILY:
-        weights = torch.where(terminal, torch.ones_like(weights), weights)
+    if _uses_terminal_guard(name, params):
+        weights = torch.where(snr == 0, torch.ones_like(weights), weights)
     elif max_weight is None and not torch.isfinite(weights).all():
         max_weight = weights[torch.isfinite(weights)].max().item()
     if max_weight is not None:

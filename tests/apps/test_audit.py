@@ -1,5 +1,7 @@
 """`biasfast audit` end to end on two saved tiny UNets and PNG folders written here: the report against bias_score
-by hand, the pictures, resume after a kill between shards, samples made elsewhere with an embedding, bad input."""
+by hand, the pictures, resume after a kill between shards, samples made elsewhere with an embedding, .npz and JPEG
+inputs and a folder longer than one stream chunk with the printed summary, the schedule when the folders have no
+scheduler/, bad input (mismatched sizes or schedulers among it)."""
 
 import json
 import os
@@ -22,10 +24,11 @@ SHAPE = (3, 8, 8)
 N = 12
 
 
-def _unet(seed: int, channels: int = 3) -> diffusers.UNet2DModel:
+def _unet(seed: int, channels: int = 3, sample_size: int | tuple[int, int] = 8) -> diffusers.UNet2DModel:
     torch.manual_seed(seed)
-    return diffusers.UNet2DModel(sample_size=8, in_channels=channels, out_channels=channels, layers_per_block=1,
-                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+    return diffusers.UNet2DModel(sample_size=sample_size, in_channels=channels, out_channels=channels,
+                                 layers_per_block=1, block_out_channels=(8, 16),
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
 
 
@@ -48,7 +51,8 @@ def inputs(tmp_path_factory):
     pipeline = paths["model_a"]  # a pipeline folder: unet/ and scheduler/
     _unet(0).save_pretrained(os.path.join(pipeline, "unet"))
     diffusers.DDIMScheduler(num_train_timesteps=100).save_pretrained(os.path.join(pipeline, "scheduler"))
-    _unet(1).save_pretrained(paths["model_b"])  # a model folder
+    _unet(1).save_pretrained(paths["model_b"])  # a model folder, with the same scheduler beside the model
+    diffusers.DDIMScheduler(num_train_timesteps=100).save_pretrained(os.path.join(paths["model_b"], "scheduler"))
     return paths
 
 
@@ -116,7 +120,15 @@ def test_resume_after_a_kill_between_shards_gives_the_same_report(inputs, finish
     assert not (out / "report.json").exists()
     monkeypatch.setattr(audit, "save_shard", real)
     assert main(_args(inputs, out)) == 2  # no silent overwrite
+    sampled, sample_coupled = [], audit.sample_coupled
+
+    def counted(models, n, *args, first_index, **kwargs):
+        sampled.append((first_index, n))
+        return sample_coupled(models, n, *args, first_index=first_index, **kwargs)
+
+    monkeypatch.setattr(audit, "sample_coupled", counted)
     assert main(_args(inputs, out, "--resume")) == 0
+    assert sampled == [(5, 5), (10, 2)]  # the two missing shards only, not the saved first one
     assert _load(out)["report"] == _load(finished)["report"]
 
 
@@ -164,6 +176,23 @@ def test_dpm_solver_audit_equals_its_sampler(inputs, tmp_path):
     assert payload["report"]["n_samples"] == N
 
 
+def test_schedule_flag_for_folders_without_a_scheduler(inputs, tmp_path):
+    """Two model folders without scheduler/: both are sampled on --schedule's named schedule."""
+    for seed, side in enumerate("ab"):
+        _unet(seed).save_pretrained(tmp_path / f"bare_{side}")
+    out = tmp_path / "cosine"
+    args = _args(inputs, out, "--schedule", "cosine")
+    for side in "ab":
+        args[args.index(f"--model-{side}") + 1] = str(tmp_path / f"bare_{side}")
+    assert main(args) == 0
+    assert _load(out)["schedule"].startswith("NoiseSchedule('cosine', num_timesteps=1000")
+    models = [audit.load_diffusers_model(str(tmp_path / f"bare_{side}"), side)[0] for side in "ab"]
+    direct = biasfast.sample_coupled(models, N, SHAPE, biasfast.NoiseSchedule("cosine"), seed=0, steps=4,
+                                     method="ddim", eta=1.0, batch_size=3, progress=False)
+    for made, saved in zip(direct, _samples(out)):
+        np.testing.assert_array_equal(made.numpy(), saved)
+
+
 class TinyEmbedding(torch.nn.Module):
     """A fixed random conv embedding for --features (built with no arguments)."""
 
@@ -192,6 +221,46 @@ def test_samples_made_elsewhere_memmaps_and_features(tmp_path):
     np.testing.assert_allclose(_load(out)["report"]["own_nn"], expected.own_nn.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_npz_jpeg_and_a_folder_longer_than_one_chunk(tmp_path, capsys):
+    """Every input kind through the audit's image stream: --train-a a PNG folder of 1100 images (more than one
+    1024-row chunk; the A samples are copies of images 1030.., in the second chunk), --train-b and --samples-b
+    .npz files (uint8 and float), --samples-a a JPEG folder. The report and its printed summary equal
+    bias_score's on the same pixels decoded here."""
+    rng = np.random.default_rng(2)
+    train_a = rng.integers(0, 256, (1100, 8, 8, 3), dtype=np.uint8)  # (N, H, W, C), as the PNGs hold them
+    train_b = rng.integers(0, 256, (40, *SHAPE), dtype=np.uint8)
+    samples_b = rng.uniform(-1, 1, (6, *SHAPE)).astype(np.float32)
+    for i, image in enumerate(train_a):
+        path = tmp_path / "train_a" / f"img{i:04d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(image).save(path)
+    (tmp_path / "samples_a").mkdir()
+    for i, image in enumerate(train_a[1030:1036]):
+        Image.fromarray(image).save(tmp_path / "samples_a" / f"s{i}.jpg", quality=95, subsampling=0)
+    np.savez(tmp_path / "train_b.npz", images=train_b)
+    np.savez(tmp_path / "samples_b.npz", samples=samples_b)
+    out = tmp_path / "out"
+    code = main(["audit", "--samples-a", str(tmp_path / "samples_a"), "--samples-b", str(tmp_path / "samples_b.npz"),
+                 "--train-a", str(tmp_path / "train_a"), "--train-b", str(tmp_path / "train_b.npz"),
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+
+    def pixels(array):  # uint8 (N, H, W, C) → float32 (N, C, H, W) in [−1, 1]
+        return np.ascontiguousarray(array.transpose(0, 3, 1, 2), dtype=np.float32) / 127.5 - 1
+
+    jpegs = sorted((tmp_path / "samples_a").iterdir())
+    decoded = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in jpegs])
+    expected = biasfast.bias_score(pixels(decoded), samples_b, pixels(train_a),
+                                   train_b.astype(np.float32) / 127.5 - 1)
+    report = _load(out)["report"]
+    np.testing.assert_allclose(report["own_nn"], expected.own_nn.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(report["cross_nn"], expected.cross_nn.numpy(), rtol=1e-5, atol=1e-6)
+    assert max(report["own_nn"][0]) < 0.01 < min(report["cross_nn"][0])  # found in the second chunk
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:-1] == expected.summary().splitlines()
+    assert printed[-1].startswith(f"audit: {out / 'report.json'}, gallery.png, distances.png (")
+
+
 def _bad_inputs(inputs, tmp_path):
     """(name, arguments, expected message) for every bad input the audit must refuse."""
     empty, garbage, mixed, overlap, nomodel = (tmp_path / n for n in ("empty", "garbage", "mixed", "overlap", "nomodel"))
@@ -204,8 +273,15 @@ def _bad_inputs(inputs, tmp_path):
     shutil.copytree(inputs["train_b"], overlap)
     for name in ("img000.png", "img002.png"):
         shutil.copy(os.path.join(inputs["train_a"], "part0", name), overlap / f"copy_{name}")
-    grey = tmp_path / "grey_model"
+    grey, larger = tmp_path / "grey_model", tmp_path / "larger_model"
     _unet(2, channels=1).save_pretrained(grey)
+    _unet(2, sample_size=(16, 8)).save_pretrained(larger)  # runs on 8×8 images all the same
+    v_model, bare = tmp_path / "v_model", tmp_path / "bare_model"
+    for folder in (v_model, bare):
+        _unet(1).save_pretrained(folder)
+    v_scheduler = diffusers.DDIMScheduler(num_train_timesteps=100, prediction_type="v_prediction")
+    v_scheduler.save_pretrained(v_model / "scheduler")
+    model_a = inputs["model_a"]
 
     def swap(flag, value):
         args = _args(inputs, tmp_path / f"out_{flag}_{os.path.basename(str(value))}")
@@ -215,6 +291,14 @@ def _bad_inputs(inputs, tmp_path):
     return [
         ("no model", swap("--model-b", nomodel), "holds no diffusers model"),
         ("wrong shape", swap("--model-b", grey), "--model-b: the model"),
+        ("sample size", swap("--model-b", larger), f"--model-b: the model in '{larger}' has sample_size 16×8 "
+                                                    "(height×width), but the training images are 8×8"),
+        ("schedulers", swap("--model-b", v_model),
+         f"the schedules of --model-a '{model_a}' (its scheduler/) and --model-b '{v_model}' (its scheduler/) "
+         "differ in prediction_type ('epsilon' vs 'v_prediction')"),
+        ("no scheduler", swap("--model-b", bare),
+         f"and --model-b '{bare}' (no scheduler/, so --schedule linear) differ in alphas_cumprod (100 vs 1000 "
+         "timesteps), timestep_spacing ('leading' vs None), clip_sample (1.0 vs None)"),
         ("mixed sizes", swap("--train-b", mixed), "images of mixed sizes: '" + str(mixed / "zz_wide.png")),
         ("unreadable", swap("--train-b", garbage), "cannot read image '" + str(garbage / "broken.png")),
         ("empty", swap("--train-b", empty), "holds no PNG or JPEG images"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel  # noqa: E402
 from diffusers.training_utils import compute_snr  # noqa: E402
 
 import biasfast  # noqa: E402
@@ -148,6 +148,28 @@ def test_ddim_steps_like_the_scheduler_whatever_its_spacing(spacing, steps, eta,
         assert (listed - ours).abs().max() > bound
 
 
+@pytest.mark.parametrize("config", [dict(), dict(timestep_spacing="leading"),
+                                    dict(timestep_spacing="leading", steps_offset=1), dict(timestep_spacing="trailing"),
+                                    dict(timestep_spacing="trailing", prediction_type="v_prediction")])
+def test_dpm_solver_loop_equals_diffusers_for_each_spacing(config, one_thread):
+    """DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2) with its default linspace
+    spacing and with the spacing and offset of its config; biasfast samples the schedule read from it. Before
+    biasfast read them it always used linspace: 275 off for leading. Trailing and linspace lists differ by at most
+    1 per timestep, so only the v case (values ~1.5; 0.046 off against a bound of 5e-4) tells them apart: a
+    random-weight UNet's ε̂ makes x̂0 reach ~450 and the ε bound 0.08 (0.007 off)."""
+    unet, scheduler, n, steps, seed = tiny_unet(4), DPMSolverMultistepScheduler(solver_order=2, **config), 3, 10, 6
+    assert scheduler.config.algorithm_type == "dpmsolver++"
+    schedule = NoiseSchedule(scheduler)
+    x_T = keyed_normal(seed, range(n), 0, SHAPE, torch.device("cpu"), torch.float32)
+    scheduler.set_timesteps(steps)
+    x = x_T.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+    ours = biasfast.sample(unet, (n, *SHAPE), schedule, method="dpmsolver++", steps=steps, seed=seed, progress=False)
+    assert (ours - x).abs().max() <= float32_bound(schedule, steps, float(x.abs().max())) < (x - x_T).abs().max()
+
+
 def test_ddpm_full_loop_equals_diffusers(monkeypatch, one_thread):
     """Every one of T = 200 ancestral steps, with diffusers' default clipping of x̂0 to ±1; diffusers draws its
     noise with `randn_tensor`, which is replaced by biasfast's keyed noise of the same step."""
@@ -230,22 +252,29 @@ def test_trainer_trains_a_diffusers_model_as_a_wrapped_one(one_thread):
     assert losses[0][0] != losses[2][0]
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-def test_min_snr_diffusers_convention_equals_the_training_scripts(prediction):
-    """diffusers' examples/text_to_image/train_text_to_image.py (huggingface/diffusers at 000280f5): with
-    `--snr_gamma`, snr = compute_snr(noise_scheduler, timesteps), plus 1 for v-prediction, and
-    mse_loss_weights = min(snr, γ) / snr multiplies the per-sample MSE before the batch mean."""
-    scheduler, gamma = DDPMScheduler(prediction_type=prediction), 5.0
+@pytest.mark.parametrize("prediction,zero_snr", [("epsilon", False), ("v_prediction", False), ("sample", False),
+                                                 ("v_prediction", True), ("sample", True)])
+def test_min_snr_diffusers_convention_equals_the_training_scripts(prediction, zero_snr):
+    """The `--snr_gamma` branch of diffusers' examples/text_to_image/train_text_to_image.py as it has been since
+    huggingface/diffusers pull request 6307 (December 2023), transcribed line by line below: the weight is
+    min(SNR, γ), divided by SNR for ε and by SNR + 1 for v; any other prediction type keeps min(SNR, γ). It
+    multiplies the per-sample MSE before the batch mean. With a zero-terminal-SNR schedule the terminal step's
+    v and x0 weight is the scripts' 0 (the ε weight there is the scripts' 0/0, so that case is left out)."""
+    scheduler, gamma = DDPMScheduler(prediction_type=prediction, rescale_betas_zero_snr=zero_snr), 5.0
     schedule = NoiseSchedule(scheduler)
-    timesteps = torch.randint(0, 1000, (37,))
+    timesteps = torch.cat([torch.randint(0, 1000, (36,)), torch.tensor([999])])
     pred, target = torch.randn(37, 1, 5, 3), torch.randn(37, 1, 5, 3)
     snr = compute_snr(scheduler, timesteps)
-    if prediction == "v_prediction":
-        snr = snr + 1
-    weights = torch.stack([snr, gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0] / snr
-    expected = ((pred - target) ** 2).mean(dim=(1, 2, 3)) * weights
-    criterion = SNRWeightedLoss(schedule, "min_snr", prediction, gamma=gamma, convention="diffusers")
-    torch.testing.assert_close(criterion(pred, target, timesteps), expected.mean(), rtol=1e-5, atol=0)
+    mse_loss_weights = torch.stack([snr, gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+    if scheduler.config.prediction_type == "epsilon":
+        mse_loss_weights = mse_loss_weights / snr
+    elif scheduler.config.prediction_type == "v_prediction":
+        mse_loss_weights = mse_loss_weights / (snr + 1)
+    expected = ((pred - target) ** 2).mean(dim=(1, 2, 3)) * mse_loss_weights
+    assert (snr[-1] == 0) == zero_snr and torch.isfinite(expected).all()
+    criterion = SNRWeightedLoss(schedule, "min_snr", prediction, gamma=gamma, convention="diffusers",
+                                reduction="none")
+    torch.testing.assert_close(criterion(pred, target, timesteps), expected, rtol=1e-5, atol=1e-7)
 
 
 class _Conditioned(torch.nn.Module):

@@ -13,11 +13,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SCHEDULE = biasfast.NoiseSchedule("linear", 1000)
 
 
-def _scheduler(prediction="epsilon"):
+def _scheduler(prediction="epsilon", **config):
     diffusers = pytest.importorskip("diffusers")
     return diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
                                                  beta_end=0.02, algorithm_type="dpmsolver++", solver_order=2,
-                                                 prediction_type=prediction)
+                                                 prediction_type=prediction, **config)
 
 
 def _model(x, t, class_labels=None):
@@ -38,6 +38,29 @@ def test_timesteps_are_diffusers_linspace(steps):
     scheduler = _scheduler()
     scheduler.set_timesteps(steps)
     assert dpm_solver_timesteps(SCHEDULE, steps) == scheduler.timesteps.tolist()
+
+
+@pytest.mark.parametrize("spacing,offset", [("linspace", 0), ("leading", 0), ("leading", 1), ("trailing", 0)])
+@pytest.mark.parametrize("steps", [1, 3, 7, 10, 20, 333, 998])
+def test_timesteps_follow_the_schedulers_spacing(spacing, offset, steps):
+    """A schedule read from the scheduler takes its spacing and offset; DPM-Solver's leading rule (multiples of
+    T // (steps + 1)) is not DDIM's, so passing the spacing to a table's schedule gives the same list too."""
+    scheduler = _scheduler(timestep_spacing=spacing, steps_offset=offset)
+    scheduler.set_timesteps(steps)
+    read = biasfast.NoiseSchedule(scheduler)
+    given = biasfast.NoiseSchedule(scheduler.alphas_cumprod, steps_offset=offset)
+    expected = scheduler.timesteps.tolist()
+    assert dpm_solver_timesteps(read, steps) == dpm_solver_timesteps(given, steps, spacing) == expected
+
+
+def test_timestep_errors():
+    with pytest.raises(ValueError, match="spacing: unknown 'karras' for DPM-Solver"):
+        biasfast.sample(_model, (2, 1, 3, 3), SCHEDULE, method="dpmsolver++", spacing="karras", progress=False)
+    offset = biasfast.NoiseSchedule("linear", spacing="leading", steps_offset=1)
+    with pytest.raises(ValueError, match="steps: 999 leading DPM-Solver.. steps with steps_offset 1 do not fit"):
+        dpm_solver_timesteps(offset, 999)
+    with pytest.raises(ValueError, match="steps: 1000 leading DPM-Solver.. steps with steps_offset 0 do not fit"):
+        dpm_solver_timesteps(SCHEDULE, 1000, "leading")
 
 
 def test_first_and_last_steps_are_first_order():

@@ -53,13 +53,26 @@ def test_min_snr_variants_as_in_the_min_snr_code():
     torch.testing.assert_close(biasfast.weighting("min_snr", LINEAR, "sample", gamma=5), snr.clamp(max=5))
 
 
-def test_min_snr_diffusers_convention_differs_for_v():
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+def test_min_snr_diffusers_convention_is_min_snr_over_the_loss_target(prediction):
+    # diffusers' scripts: min(SNR, γ), over SNR for ε, over SNR + 1 for v (not min(SNR + 1, γ)/(SNR + 1)).
     snr = LINEAR.snr
-    v = biasfast.weighting("min_snr", LINEAR, "v_prediction", gamma=5, convention="diffusers")
-    torch.testing.assert_close(v, (snr + 1).clamp(max=5) / (snr + 1))
-    assert not torch.allclose(v, biasfast.weighting("min_snr", LINEAR, "v_prediction", gamma=5))
-    eps = biasfast.weighting("min_snr", LINEAR, "epsilon", gamma=5, convention="diffusers")
-    torch.testing.assert_close(eps, biasfast.weighting("min_snr", LINEAR, "epsilon", gamma=5))
+    x0 = snr.clamp(max=5)
+    expected = {"epsilon": x0 / snr, "sample": x0, "v_prediction": x0 / (snr + 1)}[prediction]
+    ours = biasfast.weighting("min_snr", LINEAR, prediction, gamma=5, convention="diffusers")
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ours, biasfast.weighting("min_snr", LINEAR, prediction, gamma=5), rtol=0, atol=0)
+
+
+def test_min_snr_conventions_differ_only_at_zero_snr():
+    """At SNR = 0 the Min-SNR code's guard gives every prediction weight 1; diffusers' scripts give v and x0
+    min(0, γ) = 0, and ε its limit 1 (their 0/0)."""
+    zero = biasfast.NoiseSchedule(LINEAR.alphas_cumprod.clone().index_fill_(0, torch.tensor([999]), 0.0))
+    for prediction, terminal in (("epsilon", 1.0), ("sample", 0.0), ("v_prediction", 0.0)):
+        ours = biasfast.weighting("min_snr", zero, prediction, gamma=5, convention="diffusers")
+        code = biasfast.weighting("min_snr", zero, prediction, gamma=5)
+        assert (ours[-1].item(), code[-1].item()) == (terminal, 1.0)
+        torch.testing.assert_close(ours[:-1], code[:-1], rtol=0, atol=0)
 
 
 def test_min_snr_code_x0_branch():

@@ -25,6 +25,26 @@ import torch
 from biasfast.diffusion.schedules import SPACINGS, NoiseSchedule
 
 DPM_SOLVER_SPACING = "linspace"  # DPMSolverMultistepScheduler's default timestep_spacing
+# The DPMSolverMultistepScheduler settings this solver implements, at the only values it implements: a scheduler
+# that sets another value samples differently, so sampling with its schedule is an error, not a silent change.
+IMPLEMENTED_SETTINGS = {
+    "solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "lower_order_final": True,
+    "euler_at_final": False, "thresholding": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+    "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False, "final_sigmas_type": "zero",
+    "lambda_min_clipped": -math.inf, "use_dynamic_shifting": False,
+}
+
+
+def check_dpm_solver_settings(schedule: NoiseSchedule) -> None:
+    """ValueError naming every DPM-Solver setting of the schedule's diffusers scheduler that this solver does not
+    implement (a DDPM or DDIM scheduler has none of these keys, so it passes)."""
+    config = schedule.scheduler_config
+    unsupported = {key: config[key] for key, value in IMPLEMENTED_SETTINGS.items()
+                   if key in config and config[key] != value}
+    if unsupported:
+        raise ValueError(f"schedule: method='dpmsolver++' implements DPMSolverMultistepScheduler with "
+                         f"{IMPLEMENTED_SETTINGS}; this {schedule.name} sets "
+                         + ", ".join(f"{key}={value!r}" for key, value in unsupported.items()))
 
 
 def dpm_solver_timesteps(schedule: NoiseSchedule, steps: int, spacing: str | None = None) -> list[int]:

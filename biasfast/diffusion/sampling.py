@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from biasfast._core.checks import check_tensor
 from biasfast._core.constants import SAMPLER_METHODS, VARIANCES
 from biasfast._core.seeds import seed_for
-from biasfast.diffusion.dpm_solver import apply_correction, dpm_solver_timesteps, second_order_corrections
+from biasfast.diffusion.dpm_solver import (apply_correction, check_dpm_solver_settings, dpm_solver_timesteps,
+                                          second_order_corrections)
 from biasfast.diffusion.models import denoise
 from biasfast.diffusion.schedules import NoiseSchedule
 from biasfast.ops.sampler_step import sampler_step
@@ -176,8 +177,11 @@ def sample_coupled(
     if steps is None:
         steps = min(DEFAULT_STEPS.get(method, schedule.num_timesteps), schedule.num_timesteps)
     prediction = schedule.prediction if prediction is None else prediction
-    clip_sample = schedule.clip_sample if clip_sample is None else clip_sample
+    # DPMSolverMultistepScheduler has no clip_sample: a schedule read from a DDPM/DDIM scheduler that clips still
+    # samples unclipped with DPM-Solver++, as diffusers' DPM scheduler made from that config does
+    clip_sample = None if multistep else (schedule.clip_sample if clip_sample is None else clip_sample)
     if multistep:
+        check_dpm_solver_settings(schedule)
         timesteps = dpm_solver_timesteps(schedule, steps, spacing)
     else:
         timesteps = schedule.timesteps(steps, spacing).tolist()

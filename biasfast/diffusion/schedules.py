@@ -128,6 +128,8 @@ class NoiseSchedule:
         self.clip_sample = None if clip_sample is None else float(clip_sample)
         self.ddim_previous = ddim_previous
         self.set_alpha_to_one = set_alpha_to_one
+        # a diffusers scheduler's whole config, for the samplers' checks of settings they do not implement
+        self.scheduler_config = dict(schedule.config) if _is_diffusers_scheduler(schedule) else {}
         self._device_tables: dict[tuple, torch.Tensor] = {}
 
     @classmethod

@@ -5,6 +5,7 @@ loops equal to diffusers' own scheduler loops from the same x_T and noise (model
 from __future__ import annotations
 
 import copy
+import re
 import types
 
 import pytest
@@ -148,6 +149,41 @@ def test_ddim_steps_like_the_scheduler_whatever_its_spacing(spacing, steps, eta,
         assert (listed - ours).abs().max() > bound
 
 
+def _diffusers_dpm_loop(unet, scheduler, x_T, steps):
+    scheduler.set_timesteps(steps)
+    x = x_T.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+    return x
+
+
+def test_dpm_solver_on_a_clipping_ddpm_schedule_samples_unclipped_as_diffusers(one_thread):
+    """DPMSolverMultistepScheduler has no clip_sample: made from a DDPMScheduler's config (which clips by default)
+    it samples unclipped, and so does biasfast's dpmsolver++ on the schedule read from that DDPMScheduler. (The
+    spacing is set explicitly: from_config passes on only the settings a scheduler was given, not its defaults.)"""
+    unet, ddpm, n, steps, seed = tiny_unet(5), DDPMScheduler(timestep_spacing="trailing"), 3, 10, 8
+    schedule = NoiseSchedule(ddpm)
+    assert schedule.clip_sample == 1.0
+    x_T = keyed_normal(seed, range(n), 0, SHAPE, torch.device("cpu"), torch.float32)
+    expected = _diffusers_dpm_loop(unet, DPMSolverMultistepScheduler.from_config(ddpm.config), x_T, steps)
+    ours = biasfast.sample(unet, (n, *SHAPE), schedule, method="dpmsolver++", steps=steps, seed=seed, progress=False)
+    bound = float32_bound(schedule, steps, float(expected.abs().max()))
+    assert (ours - expected).abs().max() <= bound < (expected - x_T).abs().max()
+
+
+@pytest.mark.parametrize("setting", [dict(use_karras_sigmas=True), dict(final_sigmas_type="sigma_min"),
+                                     dict(solver_order=3), dict(algorithm_type="sde-dpmsolver++"),
+                                     dict(lambda_min_clipped=-5.1), dict(thresholding=True)])
+def test_dpm_solver_refuses_scheduler_settings_it_does_not_implement(setting):
+    schedule = NoiseSchedule(DPMSolverMultistepScheduler(**setting))
+    (key, value), = setting.items()
+    with pytest.raises(ValueError, match=rf"schedule: method='dpmsolver\+\+' implements .*; this "
+                                         rf"DPMSolverMultistepScheduler sets {re.escape(f'{key}={value!r}')}"):
+        biasfast.sample(tiny_unet(), (1, *SHAPE), schedule, method="dpmsolver++", steps=3, progress=False)
+    biasfast.sample(tiny_unet(), (1, *SHAPE), schedule, method="ddim", steps=3, progress=False)  # DDIM: no such setting
+
+
 @pytest.mark.parametrize("config", [dict(), dict(timestep_spacing="leading"),
                                     dict(timestep_spacing="leading", steps_offset=1), dict(timestep_spacing="trailing"),
                                     dict(timestep_spacing="trailing", prediction_type="v_prediction")])
@@ -161,11 +197,7 @@ def test_dpm_solver_loop_equals_diffusers_for_each_spacing(config, one_thread):
     assert scheduler.config.algorithm_type == "dpmsolver++"
     schedule = NoiseSchedule(scheduler)
     x_T = keyed_normal(seed, range(n), 0, SHAPE, torch.device("cpu"), torch.float32)
-    scheduler.set_timesteps(steps)
-    x = x_T.clone()
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+    x = _diffusers_dpm_loop(unet, scheduler, x_T, steps)
     ours = biasfast.sample(unet, (n, *SHAPE), schedule, method="dpmsolver++", steps=steps, seed=seed, progress=False)
     assert (ours - x).abs().max() <= float32_bound(schedule, steps, float(x.abs().max())) < (x - x_T).abs().max()
 

@@ -57,12 +57,40 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint file that exists but cannot be read back (truncated, overwritten, not a torch file)."""
 
 
+def _check_records(path: str | os.PathLike) -> None:
+    """Read every record of a zip checkpoint (torch.save's format) through zipfile, which checks each record's
+    CRC-32 and raises BadZipFile on a mismatch: torch.load does not, and reads a flipped bit in tensor data back
+    as a wrong value. Records stored without a CRC (0) are skipped; a file that is not a zip is left to torch.load."""
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.CRC == 0:
+                continue
+            with archive.open(info) as record:
+                while record.read(1 << 24):
+                    pass
+
+
+# torch.load on a damaged file: RuntimeError (no central directory), OSError EINVAL (a truncated file of some sizes:
+# a seek before its start), EOFError (empty), KeyError / IndexError / UnpicklingError / UnicodeDecodeError (bytes
+# that are not a pickle); zipfile on a record with a wrong CRC-32: BadZipFile. Not there, or not readable, is no
+# corruption: those OSErrors pass through.
+_UNREADABLE = (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, pickle.UnpicklingError,
+               zipfile.BadZipFile)
+_ACCESS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
 def load_checkpoint(path: str | os.PathLike) -> Any:
     """Load a checkpoint written by `save_atomic`: tensors and plain containers only (weights_only=True), so a
-    file from elsewhere cannot run code. An unreadable file raises CorruptCheckpointError naming it."""
+    file from elsewhere cannot run code. A file that is truncated, overwritten or has a record whose CRC-32 does
+    not match raises CorruptCheckpointError naming it."""
     try:
+        _check_records(path)
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+    except _ACCESS:
+        raise
+    except _UNREADABLE as exc:
         raise CorruptCheckpointError(f"checkpoint {str(path)!r} is truncated or corrupted and cannot be read "
                                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
 

@@ -230,6 +230,8 @@ def bias_score(
     n, features = a.shape
     if n == 0:
         raise ValueError("samples_a: no samples")
+    if features == 0:  # no distance is defined between empty rows (and the search would blame a training set)
+        raise ValueError(f"samples_a: the samples have no features (shape {tuple(a.shape)} as rows)")
     if b.shape[0] != n:
         raise ValueError(f"samples_b: {b.shape[0]} samples, but samples_a has {n}; samples must be paired")
     if b.shape[1] != features:

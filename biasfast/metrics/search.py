@@ -44,6 +44,19 @@ def chunks(train: TrainingSet, name: str) -> Iterator[tuple[str, torch.Tensor]]:
         yield label, as_rows(chunk, label, allow_empty=True)
 
 
+def in_query_dtype(chunk: torch.Tensor, dtype: torch.dtype, label: str) -> torch.Tensor:
+    """A searchable chunk in the queries' dtype. Tokens that dtype cannot hold are an error: cast, they would wrap
+    around (300 → 44, 2 → True) and could equal a sample's token, giving wrong Hamming distances and overlaps."""
+    cast = chunk.to(dtype)
+    if chunk.dtype != dtype and not chunk.is_floating_point():
+        back = cast.to(chunk.dtype)
+        if not torch.equal(back, chunk):
+            row, column = (int(i) for i in (back != chunk).nonzero()[0])
+            raise ValueError(f"{label}: token {chunk[row, column].item()} (row {row}) does not fit the samples' dtype "
+                             f"{dtype}; pass samples and training sets in a token dtype that holds every token")
+    return cast
+
+
 # ---- streaming nearest distances ----------------------------------------------------------------
 
 
@@ -104,7 +117,7 @@ def nearest(train: TrainingSet, name: str, queries: torch.Tensor, own: slice, pl
         if chunk.shape[1] != features:
             raise ValueError(f"{label}: feature size {chunk.shape[1]} does not match the samples' {features}")
         # NaN/Inf rows are found by the engine while it packs the chunk (no extra pass); _search names the chunk.
-        chunk = searchable(chunk.to(queries.device), plan.metric, label).to(queries.dtype)
+        chunk = in_query_dtype(searchable(chunk.to(queries.device), plan.metric, label), queries.dtype, label)
         hashes.append(row_hash(chunk))
         metric_best = keep_smallest(metric_best, _search(queries, chunk, plan.metric_k, plan.metric, label))
         if not plan.shared:

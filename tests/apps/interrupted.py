@@ -4,8 +4,10 @@ be killed, after creating the file MARKER, so a test can SIGKILL it at a known m
 POINT is `write:PREFIX:N` (halfway through the N-th atomic write of a file whose "folder/name" starts with
 PREFIX: the temporary file holds half the bytes and the rename has not happened; `write:checkpoints/step_:1`
 is the first checkpoint `biasfast run` writes, `write:models/pair_state.pt:2` the second training state of the pair of
-`biasfast hierarchy`) or `sampling:N`
-(inside the N-th `sample_coupled` call of `biasfast run`, before its samples exist). The patch wraps the real functions, so everything up to POINT runs as in `biasfast`. `start_biasfast`,
+`biasfast hierarchy`), `written:PREFIX:N` (just after the N-th such write is complete, under its final name),
+`sampling:N` (inside the N-th `sample_coupled` call of `biasfast run`, before its samples exist) or `evaluating:N`
+(inside the N-th checkpoint load of a `biasfast hierarchy` experiment, `PairTrainer.weights`, before it returns).
+The patch wraps the real functions, so everything up to POINT runs as in `biasfast`. `start_biasfast`,
 `wait_for` and `kill` are the test side.
 """
 
@@ -84,6 +86,33 @@ def _at_write(prefix: str, nth: int, marker: str) -> None:
     atomic.write_atomically = write_atomically
 
 
+def _after_write(prefix: str, nth: int, marker: str) -> None:
+    real, seen = atomic.write_atomically, []
+
+    def write_atomically(path, write, mode="w"):
+        real(path, write, mode)
+        if f"{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)}".startswith(prefix):
+            seen.append(path)
+            if len(seen) == nth:
+                _stop(marker)
+
+    atomic.write_atomically = write_atomically
+
+
+def _at_evaluation(nth: str, marker: str) -> None:
+    from biasfast.hierarchy.train import PairTrainer
+
+    real, calls = PairTrainer.weights, []
+
+    def weights(self, name, epoch):
+        calls.append(None)
+        if len(calls) == int(nth):
+            _stop(marker)
+        return real(self, name, epoch)
+
+    PairTrainer.weights = weights
+
+
 def _at_sampling(nth: str, marker: str) -> None:
     real, calls = run.sample_coupled, []
 
@@ -99,5 +128,7 @@ def _at_sampling(nth: str, marker: str) -> None:
 if __name__ == "__main__":  # the hooked `biasfast`
     point, marker, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
     name, *where = point.split(":")
-    {"write": lambda prefix, n, m: _at_write(prefix, int(n), m), "sampling": _at_sampling}[name](*where, marker)
+    {"write": lambda prefix, n, m: _at_write(prefix, int(n), m),
+     "written": lambda prefix, n, m: _after_write(prefix, int(n), m),
+     "sampling": _at_sampling, "evaluating": _at_evaluation}[name](*where, marker)
     sys.exit(main(argv))

@@ -246,6 +246,72 @@ def test_cli_sigkill_mid_write_then_resume_equals_uninterrupted(tmp_path, capsys
     assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
 
 
+TIMING = ("wall_time_s", "train_time_s", "models")  # wall clocks, and the models folder's path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_sequential(tmp_path_factory) -> dict:
+    """The result of `biasfast hierarchy sequential` on TINY_CLI run start to end in one process."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert main(["hierarchy", "sequential", "--out", str(out)] + TINY_CLI) == 0
+    return json.loads((out / "sequential.json").read_text())
+
+
+def test_cli_sigkill_after_the_first_training_state_then_resume_equals_uninterrupted(tmp_path,
+                                                                                    uninterrupted_sequential):
+    """Killed just after the first training state (epoch 1) is complete on disk: rerunning the command resumes
+    from it, not from scratch, and writes the uninterrupted result (wall times aside)."""
+    from biasfast._core.io import LOCK_FILE, load_checkpoint
+    from tests.apps.interrupted import kill, start_biasfast, wait_for
+
+    out, marker = tmp_path / "killed", tmp_path / "saved"
+    command = ["hierarchy", "sequential", "--out", str(out)] + TINY_CLI
+    process = start_biasfast(command, f"written:models/{STATE_FILE}:1", str(marker))
+    wait_for(process, marker.is_file, "the first complete training state")
+    models = out / "models"
+    assert load_checkpoint(models / STATE_FILE)["epoch"] == 1  # complete, under its final name, before the kill
+    first = [models / name / "epoch_000001.pt" for name in ("A", "B")]
+    kept = [path.stat().st_ino for path in first]  # a restart from scratch would write them again (new files)
+    kill(process)
+    assert not (models / "A" / "epoch_000002.pt").exists() and not (out / "sequential.json").exists()
+    assert (models / LOCK_FILE).is_file()  # left by the killed process: stale, taken over by the rerun
+
+    assert main(command) == 0
+    assert [path.stat().st_ino for path in first] == kept
+    assert not list(models.rglob("*.tmp")) and not (models / LOCK_FILE).exists()
+    resumed = json.loads((out / "sequential.json").read_text())
+    assert resumed["trained_now"] is True  # the rerun finished the training
+    assert {k: v for k, v in resumed.items() if k not in TIMING} == \
+        {k: v for k, v in uninterrupted_sequential.items() if k not in TIMING}
+
+
+def test_cli_sigkill_during_evaluation_then_resume_equals_uninterrupted(tmp_path, uninterrupted_sequential):
+    """Killed inside the experiment, after the pair is trained: rerunning the command reuses the trained pair as
+    it is (no file of it rewritten) and writes the uninterrupted result; only wall times and trained_now (False:
+    this run did not train) differ."""
+    from biasfast._core.io import load_checkpoint
+    from tests.apps.interrupted import kill, start_biasfast, wait_for
+
+    out, marker = tmp_path / "killed", tmp_path / "evaluating"
+    command = ["hierarchy", "sequential", "--out", str(out)] + TINY_CLI
+    process = start_biasfast(command, "evaluating:3", str(marker))  # first checkpoint evaluated, second begun
+    wait_for(process, marker.is_file, "the experiment")
+    models = out / "models"
+    assert load_checkpoint(models / STATE_FILE)["epoch"] == 4  # training finished before the evaluation began
+    assert all((models / name / "epoch_000004.pt").is_file() for name in ("A", "B"))
+    trained = {path: path.stat().st_ino for path in models.rglob("*.pt")}
+    kill(process)
+    assert not (out / "sequential.json").exists()
+
+    assert main(command) == 0
+    assert {path: path.stat().st_ino for path in models.rglob("*.pt")} == trained
+    resumed = json.loads((out / "sequential.json").read_text())
+    assert resumed["trained_now"] is False and uninterrupted_sequential["trained_now"] is True
+    ignore = (*TIMING, "trained_now")
+    assert {k: v for k, v in resumed.items() if k not in ignore} == \
+        {k: v for k, v in uninterrupted_sequential.items() if k not in ignore}
+
+
 def test_models_folder_with_other_settings_is_refused(tmp_path):
     PairTrainer(_pair_config(), str(tmp_path)).train(progress=False)
     with pytest.raises(ValueError, match=r"models: .* other settings \(epochs\)"):

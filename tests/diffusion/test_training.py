@@ -228,6 +228,10 @@ def test_class_conditional_training_with_label_dropout():
     model = build_model("unet", base_channels=8, num_classes=3, seed=0).train()
     pred = model(ab.sqrt() * _images()[index] + (1 - ab).sqrt() * noise, t, dropped)
     assert loss == pytest.approx((pred - noise).square().mean().item(), rel=1e-5)
+    assert (dropped == 3).any() and (dropped != 3).any()  # this batch drops some labels and keeps others
+    assert loss != pytest.approx(first_loss(labels, 0.0)[1], rel=1e-6)  # so the dropout changed what the model saw
+    rate = (drop_labels(torch.zeros(20000, dtype=torch.long), 0.2, 3, torch.Generator().manual_seed(0)) == 3)
+    assert abs(rate.double().mean().item() - 0.2) < 4 * (0.2 * 0.8 / 20000) ** 0.5  # the probability, within 4 SE
     assert first_loss((labels + 1) % 3, 0.0)[1] != pytest.approx(first_loss(labels, 0.0)[1], rel=1e-6)
     assert torch.equal(drop_labels(labels, 1.0, 3), torch.full_like(labels, 3))  # p = 1: all null
     assert torch.equal(drop_labels(labels, 0.0, 3), labels)

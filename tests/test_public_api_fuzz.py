@@ -20,6 +20,7 @@ from biasfast._core.constants import METRICS, PREDICTIONS, REDUCTIONS
 from biasfast.diffusion import sampling
 from biasfast.diffusion.weighting import WEIGHTINGS
 from biasfast.ops import reference
+from tests.metrics.test_bias_score import distance_matrix
 
 # Small tensors, hundreds of tiny rows: one intra-op thread (OpenMP barriers would dominate on a busy machine).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -143,19 +144,6 @@ def _rows64(x: torch.Tensor) -> torch.Tensor:
     return rows.double() if rows.is_floating_point() else rows.long()
 
 
-def _distances64(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
-    """The full (len(x), len(y)) distance matrix in float64."""
-    if metric == "hamming":
-        return (x[:, None, :] != y[None, :, :]).sum(-1).double()
-    x, y = x.double(), y.double()
-    if metric in ("l2", "sqeuclidean"):
-        squared = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
-        return squared.sqrt() if metric == "l2" else squared
-    if metric == "pearson":
-        x, y = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
-    return (1 - (x / x.norm(dim=1, keepdim=True)) @ (y / y.norm(dim=1, keepdim=True)).T).clamp_min(0)
-
-
 def _query_dtype(parts: list[torch.Tensor], metric: str) -> torch.dtype:
     """The dtype bias_score searches in: the samples' and test's promoted dtype (integer images as float32)."""
     dtype = None
@@ -266,7 +254,7 @@ def _check_report(report, inputs: dict, metric: str) -> None:
     tol, tol_squared = _tolerance(rows, dtype, metric)
     assert report.metric == metric and report.n_samples == n
     assert report.own_nn.shape == report.cross_nn.shape == (2, n) and report.own_nn.dtype == torch.float64
-    d_aa, d_ab, d_bb, d_ba = (_distances64(x, y, metric) for x, y in ((a, train_a), (a, train_b), (b, train_b),
+    d_aa, d_ab, d_bb, d_ba = (distance_matrix(x, y, metric) for x, y in ((a, train_a), (a, train_b), (b, train_b),
                                                                      (b, train_a)))
     own = torch.stack([d_aa.min(1).values, d_bb.min(1).values])
     cross = torch.stack([d_ab.min(1).values, d_ba.min(1).values])
@@ -294,7 +282,7 @@ def _check_report(report, inputs: dict, metric: str) -> None:
         assert report.p_value == pytest.approx(_two_sided_binomial_p(wins, trials), rel=1e-9, abs=1e-300)
 
     # paired distances: computed exactly from the samples as given
-    pairs = _distances64(a, b, metric).diagonal()
+    pairs = distance_matrix(a, b, metric).diagonal()
     expected_pairs = (float(pairs.mean()), float(np.median(pairs.numpy())),
                       float(pairs.std() / math.sqrt(n)) if n > 1 else math.nan)
     assert tuple(report.pair_distance) == pytest.approx(expected_pairs, rel=1e-9, abs=1e-12, nan_ok=True)
@@ -310,8 +298,8 @@ def _check_report(report, inputs: dict, metric: str) -> None:
 
     # memorized: d1/d2 < 1/3 in the own set on Euclidean (Hamming) distances; d1 = d2 = 0 counts
     euclid = "hamming" if metric == "hamming" else "sqeuclidean"
-    two = torch.cat([_distances64(a, train_a, euclid).sort(1).values[:, :2],
-                     _distances64(b, train_b, euclid).sort(1).values[:, :2]])
+    two = torch.cat([distance_matrix(a, train_a, euclid).sort(1).values[:, :2],
+                     distance_matrix(b, train_b, euclid).sort(1).values[:, :2]])
     d1, d2 = two[:, 0], two[:, 1]
     below = d1 < d2 / 3 if metric == "hamming" else d1 < d2 / 9  # squared: d1/d2 < 1/3 ⇔ d1² < d2²/9
     memorized = torch.where(d2 > 0, below, d1 == 0)
@@ -326,8 +314,8 @@ def _check_report(report, inputs: dict, metric: str) -> None:
         assert report.nn_divergence is None
         return
     test = rows["test"]
-    fresh = torch.cat([_distances64(test, train_a, metric).min(1).values,
-                       _distances64(test, train_b, metric).min(1).values])
+    fresh = torch.cat([distance_matrix(test, train_a, metric).min(1).values,
+                       distance_matrix(test, train_b, metric).min(1).values])
     generated = own.flatten()
     largest = float(a.shape[1]) if metric == "hamming" else max(float(generated.max()), float(fresh.max()))
     upper = largest if largest > 0 else 1.0

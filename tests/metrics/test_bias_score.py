@@ -20,7 +20,8 @@ METRICS = ["l2", "sqeuclidean", "cosine", "pearson", "hamming"]
 # ---- float64 brute force: full distance matrices, nothing shared with the implementation ----------------
 
 
-def _distance_matrix(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
+def distance_matrix(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
+    """The full (len(x), len(y)) distance matrix in float64 (the fuzz of the public API uses it too)."""
     if metric == "hamming":
         return (x[:, None, :] != y[None, :, :]).sum(-1).double()
     x, y = x.double(), y.double()
@@ -42,8 +43,8 @@ def brute_force(samples_a, samples_b, train_a, train_b, metric, test=None, bins=
     a, b = samples_a.flatten(1), samples_b.flatten(1)
     ta, tb = train_a.flatten(1), train_b.flatten(1)
     n = a.shape[0]
-    d_aa, d_ab = _distance_matrix(a, ta, metric), _distance_matrix(a, tb, metric)
-    d_bb, d_ba = _distance_matrix(b, tb, metric), _distance_matrix(b, ta, metric)
+    d_aa, d_ab = distance_matrix(a, ta, metric), distance_matrix(a, tb, metric)
+    d_bb, d_ba = distance_matrix(b, tb, metric), distance_matrix(b, ta, metric)
     own = torch.stack([d_aa.min(1).values, d_bb.min(1).values])
     cross = torch.stack([d_ab.min(1).values, d_ba.min(1).values])
     wins, losses = int((own < cross).sum()), int((own > cross).sum())
@@ -52,16 +53,16 @@ def brute_force(samples_a, samples_b, train_a, train_b, metric, test=None, bins=
     z = 1.959963984540054
     centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
     half = z / (1 + z * z / trials) * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials**2))
-    pairs = _distance_matrix(a, b, metric).diagonal()
+    pairs = distance_matrix(a, b, metric).diagonal()
     gap_metric = "hamming" if metric == "hamming" else "l2"
-    gaps = torch.cat([_distance_matrix(a, ta, gap_metric).sort(1).values[:, :2],
-                      _distance_matrix(b, tb, gap_metric).sort(1).values[:, :2]])
+    gaps = torch.cat([distance_matrix(a, ta, gap_metric).sort(1).values[:, :2],
+                      distance_matrix(b, tb, gap_metric).sort(1).values[:, :2]])
     ratio = gaps[:, 0] / gaps[:, 1]
     memorized = torch.where(gaps[:, 1] == 0, torch.ones_like(ratio), (ratio < 1 / 3).double())
     divergence = None
     if test is not None:
         t = test.flatten(1)
-        fresh = torch.cat([_distance_matrix(t, ta, metric).min(1).values, _distance_matrix(t, tb, metric).min(1).values])
+        fresh = torch.cat([distance_matrix(t, ta, metric).min(1).values, distance_matrix(t, tb, metric).min(1).values])
         generated = own.flatten()
         upper = float(a.shape[1]) if metric == "hamming" else max(float(generated.max()), float(fresh.max()))
         edges = np.linspace(0, upper, bins + 1)

@@ -320,3 +320,36 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(inputs, tmp_path, caps
         out = args[args.index("--out") + 1]
         assert not os.path.exists(os.path.join(out, "report.json")), name
         assert not os.path.exists(os.path.join(out, "samples")), name
+
+
+class _Planted:
+    """A pickled object whose loading would create a file: weights_only loading must refuse it unrun."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_model_weights_load_through_safetensors_or_weights_only(tmp_path):
+    # .bin weights (save_pretrained without safetensors) load as the safetensors ones do
+    _unet(3).save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert sorted(os.listdir(tmp_path / "bin")) == ["config.json", "diffusion_pytorch_model.bin"]
+    model, scheduler = audit.load_diffusers_model(str(tmp_path / "bin"), "--model-a")
+    expected = _unet(3).state_dict()
+    assert scheduler is None and all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    # a .bin that holds a pickled object is refused before it runs (torch.load(weights_only=True))
+    planted, marker = tmp_path / "planted", tmp_path / "ran"
+    shutil.copytree(tmp_path / "bin", planted)
+    torch.save({"weight": _Planted(str(marker))}, planted / "diffusion_pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"--model-a: cannot load the weights in .*planted/diffusion_pytorch_model"):
+        audit.load_diffusers_model(str(planted), "--model-a")
+    assert not marker.exists()
+    # a torn safetensors file names the file
+    torn = tmp_path / "torn"
+    _unet(3).save_pretrained(torn)
+    weights = torn / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"--model-b: cannot load the weights in .*torn/diffusion_pytorch_model"):
+        audit.load_diffusers_model(str(torn), "--model-b")

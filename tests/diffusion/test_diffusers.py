@@ -111,6 +111,24 @@ def test_ddim_loop_equals_diffusers(eta, config, one_thread):
     assert (ours - expected).abs().max() <= bound < (expected - x_T).abs().max()
 
 
+def test_ddim_loop_on_a_zero_terminal_snr_schedule_equals_diffusers(one_thread):
+    """Lin et al.'s setting: ᾱ rescaled to 0 at t = T − 1, trailing spacing, v-prediction, DDIM η = 0. The first
+    step starts at SNR = 0, where x̂0 = −v̂ exactly (no 1/√ᾱ), so float32 separates the loops by the rounding of
+    the other steps: the bound uses the largest 1/√ᾱ below the terminal step. (With η = 1 diffusers' first step is
+    NaN: σ² = 1 − ᾱ_prev there, and 1 − ᾱ_prev − (√σ²)² rounds below 0 under its square root; biasfast's stays
+    finite.)"""
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                              prediction_type="v_prediction")
+    ours, expected, x_T, _, options = _ddim_both_ways(tiny_unet(7), scheduler, 3, 10, 0.0, 9)
+    schedule = NoiseSchedule(scheduler)
+    stochastic = biasfast.sample(tiny_unet(7), (3, *SHAPE), schedule, **{**options, "eta": 1.0})
+    assert torch.isfinite(stochastic).all()
+    assert schedule.zero_terminal_snr and float(schedule.alphas_cumprod[-1]) == 0.0
+    finite = NoiseSchedule(schedule.alphas_cumprod[:-1])
+    bound = float32_bound(finite, 10, float(expected.abs().max()))
+    assert (ours - expected).abs().max() <= bound < (expected - x_T).abs().max()
+
+
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("spacing,offset", [("leading", 0), ("leading", 1), ("trailing", 0), ("linspace", 0)])
 def test_ddim_without_alpha_one_ends_where_diffusers_does(spacing, offset, eta, one_thread):

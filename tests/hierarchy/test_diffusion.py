@@ -508,15 +508,16 @@ def test_mechanism_preset_is_the_default_and_the_paper_grammar_stays_available()
         hierarchy_app._configs(_parsed("--preset", "mechanism", "--paper-sizes"))
 
 
-def test_mechanism_preset_runs_end_to_end_on_a_tiny_schedule(tmp_path, capsys):
+@pytest.mark.parametrize("preset,n_train,sigma", [(None, 64, 1.0), ("staircase", 256, 0.1)])
+def test_cpu_presets_run_end_to_end_on_a_tiny_schedule(tmp_path, capsys, preset, n_train, sigma):
     # the preset's grammar and network with a 6-epoch schedule: every experiment reads the preset's pair
     tiny = ["--epochs", "6", "--checkpoints", "3", "--first-checkpoint", "2", "--n-eval", "16", "--sample-steps",
-            "4", "--no-progress", "--models", str(tmp_path / "models")]
+            "4", "--no-progress", "--models", str(tmp_path / "models")] + (["--preset", preset] if preset else [])
     for experiment in ("sequential", "loss-decomposition"):
         assert main(["hierarchy", experiment, "--out", str(tmp_path)] + tiny) == 0
         result = json.loads((tmp_path / f"{experiment}.json").read_text())
-        assert {k: result["pair"][k] for k in ("q", "depth", "q_eff", "n_train", "width", "lr")} == \
-            dict(q=4, depth=3, q_eff=2, n_train=64, width=32, lr=3e-3)
+        assert {k: result["pair"][k] for k in ("q", "depth", "q_eff", "n_train", "width", "lr", "sigma")} == \
+            dict(q=4, depth=3, q_eff=2, n_train=n_train, width=32, lr=3e-3, sigma=sigma)
         assert result["epochs"] == [2, 3, 6]
     assert len(result["curves"]["fixed_t/train/excess"]["mean"]) == 3
     assert "reused the pair" in capsys.readouterr().out  # the second experiment evaluated the first one's pair

@@ -22,7 +22,7 @@ import torch
 
 from biasfast._core.io import load_checkpoint, write_json_atomic
 from biasfast.apps.run import SAMPLE_DIR, Experiment, RunConfig
-from biasfast.data import load_images, split_disjoint
+from biasfast.data import DisjointSplit, load_images, split_disjoint
 from biasfast.diffusion.sampling import LOOP_METHODS, sample_coupled
 from biasfast.metrics.quality import classifier_fid, feature_classifier, sliced_wasserstein
 from biasfast.metrics.stats import mean_std
@@ -176,6 +176,16 @@ def _budget_names(table: dict) -> list[str]:
     return [key[4:] for key in entry if key.startswith("swd@")]
 
 
+def seed_classifier(split: DisjointSplit, cache_dir: str, seed: int) -> torch.nn.Module | None:
+    """The FID classifier of one seed of a comparison: trained once on the seed's two training sets and cached in
+    the comparison folder, so every later score of that folder (tables, ablations) uses the same feature space.
+    None when the images have no labels (SWD only)."""
+    if split.labels_a is None:
+        return None
+    return feature_classifier(torch.cat([split.train_a, split.train_b]), torch.cat([split.labels_a, split.labels_b]),
+                              os.path.join(cache_dir, f"classifier_seed{seed}.pt"), seed=seed)
+
+
 def compare_runs(results: dict[str, dict[int, dict]], run_dirs: dict[str, dict[int, str]], config, cache_dir: str,
                  budgets: str = SAMPLING_BUDGETS) -> dict:
     """The comparison table of finished runs: `results[weighting][seed]` (an Experiment's report) from
@@ -186,11 +196,7 @@ def compare_runs(results: dict[str, dict[int, dict]], run_dirs: dict[str, dict[i
     per_run: dict[str, dict[int, dict]] = {name: {} for name in results}
     for seed in next(iter(results.values())):
         split = split_disjoint(source, config.n_train, config.n_test, seed=seed)
-        classifier = None
-        if split.labels_a is not None:
-            classifier = feature_classifier(torch.cat([split.train_a, split.train_b]),
-                                            torch.cat([split.labels_a, split.labels_b]),
-                                            os.path.join(cache_dir, f"classifier_seed{seed}.pt"), seed=seed)
+        classifier = seed_classifier(split, cache_dir, seed)
         for name in results:
             per_run[name][seed] = run_quality(run_dirs[name][seed], results[name][seed], split.test, classifier,
                                               budgets)

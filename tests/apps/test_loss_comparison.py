@@ -6,11 +6,12 @@ import os
 import pytest
 import torch
 
+from biasfast.apps.compare import seed_classifier
 from biasfast.apps.main import main
 from biasfast.apps.run import Experiment, RunConfig, check_resume_config
 from biasfast.data import load_images, split_disjoint
 from biasfast.diffusion.sampling import sample_coupled
-from biasfast.metrics.quality import classifier_fid, feature_classifier
+from biasfast.metrics.quality import classifier_fid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,8 +33,8 @@ def test_hybrid_comparison_samples_ddpm_with_the_learned_variance(tmp_path, caps
 
     # the stored DDPM score is that of learned-variance sampling, not of the fixed variance
     split = split_disjoint(load_images(None), config.n_train, config.n_test, seed=1)
-    classifier = feature_classifier(split.train_a, split.labels_a, os.path.join(out, "classifier_seed1.pt"),
-                                    steps=0)  # the comparison's cached classifier
+    assert os.path.isfile(os.path.join(out, "classifier_seed1.pt"))
+    classifier = seed_classifier(split, out, 1)  # the comparison's cached classifier
     schedule = Experiment(config, run_dir, progress=False).schedule
 
     def fid(variance):
